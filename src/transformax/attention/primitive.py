@@ -1,0 +1,179 @@
+"""The attention primitive: one named op in jaxprs, lowered per platform to the kernel the
+selector chose when the call was traced, with a batching rule and a VJP.
+
+``plan`` (a primitive parameter) maps each platform to a kernel name, so one traced function
+lowers to Pallas on cuda/tpu and to XLA on cpu, also in a multi-platform export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from transformax.attention import select
+from transformax.attention.backends import math as math_kernel
+from transformax.attention.problem import Problem
+
+forward_p = Primitive("transformax_sdpa")
+forward_p.multiple_results = True
+backward_p = Primitive("transformax_sdpa_bwd")
+backward_p.multiple_results = True
+
+Plan = tuple[tuple[str, "str | None"], ...]
+
+
+def _split(problem: Problem, args):
+    """Operands -> (q, k, v, mask, seed, rest): mask and seed are present only when used."""
+    q, k, v, *rest = args
+    mask = rest.pop(0) if problem.has_mask else None
+    seed = rest.pop(0) if problem.has_dropout else None
+    return q, k, v, mask, seed, rest
+
+
+def _run_forward(problem, name, *args):
+    q, k, v, mask, seed, _ = _split(problem, args)
+    return select.kernel(select.Backend(name)).forward(problem, q, k, v, mask, seed)
+
+
+def _run_backward(problem, name, *args):
+    q, k, v, mask, seed, (out, lse, dout, dlse) = _split(problem, args)
+    return select.kernel(select.Backend(name)).backward(
+        problem, q, k, v, mask, seed, out, lse, dout, dlse)
+
+
+_RUNNERS = {forward_p: _run_forward, backward_p: _run_backward}
+
+
+def current_platform() -> str:
+    platform = jax.default_backend()
+    return "cuda" if platform == "gpu" else platform
+
+
+def _kernel_name(problem: Problem, plan: Plan, platform: str) -> str:
+    name = dict(plan).get(platform)
+    if name is None:
+        raise select.no_kernel_error(problem, platform)
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(prim, problem: Problem, name: str):
+    return jax.jit(functools.partial(_RUNNERS[prim], problem, name))
+
+
+def _impl(prim):
+    def impl(*args, problem, plan):
+        name = _kernel_name(problem, plan, current_platform())
+        return tuple(_compiled(prim, problem, name)(*args))
+    return impl
+
+
+def _forward_abstract(*args, problem, plan):
+    q = args[0]
+    rows = (problem.batch, problem.q_heads, problem.q_len)
+    return (jax.core.ShapedArray((*rows, problem.v_head_dim), q.dtype),
+            jax.core.ShapedArray(rows, jnp.float32))
+
+
+def _backward_abstract(*args, problem, plan):
+    q, k, v, *_ = args
+    return tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in (q, k, v))
+
+
+def _lowering(prim, platform):
+    def rule(ctx, *args, problem, plan):
+        name = _kernel_name(problem, plan, platform)
+        run = functools.partial(_RUNNERS[prim], problem, name)
+        return mlir.lower_fun(run, multiple_results=True)(ctx, *args)
+    return rule
+
+
+for _prim, _abstract in ((forward_p, _forward_abstract), (backward_p, _backward_abstract)):
+    _prim.def_impl(_impl(_prim))
+    _prim.def_abstract_eval(_abstract)
+    for _platform in select.PLATFORMS:
+        mlir.register_lowering(_prim, _lowering(_prim, _platform), platform=_platform)
+
+
+def _fold_batch(problem: Problem, args, dims, size):
+    """Merges a vmapped axis of ``size`` into the canonical batch dimension."""
+    new_batch = size * problem.batch
+    q, k, v, mask, seed, rest = _split(problem, args)
+    q_dim, k_dim, v_dim, mask_dim, _, rest_dims = _split(problem, dims)
+
+    def fold(x, dim, batch):
+        x = jnp.broadcast_to(x[None], (size, *x.shape)) if dim is None else jnp.moveaxis(x, dim, 0)
+        if x.shape[1] != batch:
+            x = jnp.broadcast_to(x, (size, batch, *x.shape[2:]))
+        return x.reshape(size * batch, *x.shape[2:])
+
+    folded = [fold(x, d, problem.batch) for x, d in ((q, q_dim), (k, k_dim), (v, v_dim))]
+    mask_shape = problem.mask_shape
+    if mask is not None:
+        if mask_dim is None and mask_shape[0] == 1:
+            folded.append(mask)
+        else:
+            folded.append(fold(mask, mask_dim, problem.batch))
+            mask_shape = (new_batch, *mask_shape[1:])
+    folded += [fold(x, d, problem.batch) for x, d in zip(rest, rest_dims)]
+    return dataclasses.replace(problem, batch=new_batch, mask_shape=mask_shape), folded
+
+
+def _batching(prim):
+    def rule(args, dims, *, problem, plan):
+        size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+        if problem.has_dropout:
+            # Sequential: each example keeps the dropout stream it has when called alone.
+            moved = [x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims)]
+            batched = [d is not None for d in dims]
+
+            def one(xs):
+                it = iter(xs)
+                full = [next(it) if b else x for x, b in zip(moved, batched)]
+                return tuple(prim.bind(*full, problem=problem, plan=plan))
+
+            outs = jax.lax.map(one, [x for x, b in zip(moved, batched) if b])
+            return outs, (0,) * len(outs)
+        new_problem, folded = _fold_batch(problem, args, dims, size)
+        outs = prim.bind(*folded, problem=new_problem, plan=plan)
+        outs = [o.reshape(size, problem.batch, *o.shape[1:]) for o in outs]
+        return outs, (0,) * len(outs)
+    return rule
+
+
+batching.primitive_batchers[forward_p] = _batching(forward_p)
+batching.primitive_batchers[backward_p] = _batching(backward_p)
+
+
+def _operands(q, k, v, mask, seed):
+    return [x for x in (q, k, v, mask, seed) if x is not None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attention(problem: Problem, plan: Plan, q, k, v, mask, seed):
+    """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform."""
+    return tuple(forward_p.bind(*_operands(q, k, v, mask, seed), problem=problem, plan=plan))
+
+
+def _attention_fwd(problem, plan, q, k, v, mask, seed):
+    out, lse = attention(problem, plan, q, k, v, mask, seed)
+    return (out, lse), (q, k, v, mask, seed, out, lse)
+
+
+def _attention_bwd(problem, plan, residuals, cotangents):
+    q, k, v, mask, seed, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = backward_p.bind(*_operands(q, k, v, mask, seed), out, lse, dout, dlse,
+                                 problem=problem, plan=plan)
+    dmask = None
+    if mask is not None and not problem.mask_is_bool:
+        dmask = math_kernel.mask_gradient(problem, q, k, v, mask, seed, dout, dlse)
+    return dq, dk, dv, dmask, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

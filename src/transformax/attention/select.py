@@ -1,0 +1,156 @@
+"""Kernel registry and selection: per-platform priorities, the ``sdpa_kernel`` context and
+``explain``."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import enum
+import importlib
+from collections.abc import Iterable, Iterator
+
+from transformax.attention.problem import Problem
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+class Backend(str, enum.Enum):
+    """The attention kernels transformax knows."""
+
+    MATH = "math"
+    XLA_FLASH = "xla_flash"
+    PALLAS_TRITON = "pallas_triton"
+    PALLAS_MOSAIC_GPU = "pallas_mosaic_gpu"
+    PALLAS_TPU = "pallas_tpu"
+    CUDNN = "cudnn"
+
+
+PRIORITY = {
+    "cuda": (Backend.PALLAS_MOSAIC_GPU, Backend.PALLAS_TRITON, Backend.CUDNN,
+             Backend.XLA_FLASH, Backend.MATH),
+    "tpu": (Backend.PALLAS_TPU, Backend.XLA_FLASH, Backend.MATH),
+    "cpu": (Backend.XLA_FLASH, Backend.MATH),
+}
+
+_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH}
+
+_allowed: contextvars.ContextVar[tuple[tuple[Backend, ...], bool] | None] = (
+    contextvars.ContextVar("transformax_sdpa_kernel", default=None))
+
+
+def kernel(backend: Backend):
+    """The module implementing ``backend``."""
+    return importlib.import_module(f"transformax.attention.backends.{Backend(backend).value}")
+
+
+@contextlib.contextmanager
+def sdpa_kernel(backends: Backend | Iterable[Backend], set_priority: bool = False) -> Iterator[None]:
+    """Limits ``sdpa`` to ``backends`` inside the block (like ``torch.nn.attention.sdpa_kernel``).
+
+    With ``set_priority=True`` the order of ``backends`` replaces the platform's priority.
+    """
+    if isinstance(backends, (Backend, str)):
+        backends = [backends]
+    try:
+        chosen = tuple(Backend(b) for b in backends)
+    except ValueError as err:
+        raise ValueError(f"sdpa_kernel: backends must be tfx.Backend values, "
+                         f"one of {[b.value for b in Backend]}; got {list(backends)!r}") from err
+    if not chosen:
+        raise ValueError("sdpa_kernel: backends is empty; name at least one tfx.Backend")
+    token = _allowed.set((chosen, set_priority))
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
+def reasons_unsupported(backend: Backend, problem: Problem, platform: str) -> list[str]:
+    if backend not in _IMPLEMENTED:
+        return ["not implemented"]
+    return kernel(backend).reasons_unsupported(problem, platform)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One kernel on one platform: its rank, whether it is chosen, and why it cannot run."""
+
+    platform: str
+    backend: Backend
+    allowed: bool
+    reasons: tuple[str, ...]
+    chosen: bool = False
+
+    @property
+    def eligible(self) -> bool:
+        return self.allowed and not self.reasons
+
+    def describe(self) -> str:
+        if self.chosen:
+            return "chosen"
+        if not self.allowed:
+            return "excluded by sdpa_kernel"
+        return "eligible" if self.eligible else "cannot run: " + "; ".join(self.reasons)
+
+
+def verdicts(problem: Problem, platform: str) -> list[Verdict]:
+    """Every kernel for ``platform``, in the order the selector tries them."""
+    context = _allowed.get()
+    order = list(PRIORITY[platform])
+    if context is not None and context[1]:
+        order = list(context[0]) + [b for b in order if b not in context[0]]
+    order += [b for b in Backend if b not in order]
+    rows, found = [], False
+    for backend in order:
+        allowed = context is None or backend in context[0]
+        if allowed and backend not in PRIORITY[platform]:
+            reasons = (f"not a {platform} kernel",)
+        else:
+            reasons = tuple(reasons_unsupported(backend, problem, platform))
+        chosen = allowed and not reasons and not found
+        found |= chosen
+        rows.append(Verdict(platform, backend, allowed, reasons, chosen))
+    return rows
+
+
+def plan(problem: Problem) -> tuple[tuple[str, str | None], ...]:
+    """The chosen kernel name per platform (None where nothing can run)."""
+    result = []
+    for platform in PLATFORMS:
+        chosen = [v.backend.value for v in verdicts(problem, platform) if v.chosen]
+        result.append((platform, chosen[0] if chosen else None))
+    return tuple(result)
+
+
+def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:
+    lines = [f"  {v.backend.value}: {v.describe()}" for v in verdicts(problem, platform)]
+    return RuntimeError(f"sdpa: no attention kernel can run these inputs on {platform}:\n"
+                        + "\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What ``explain`` returns: a verdict per platform and kernel; ``str()`` prints a table."""
+
+    problem: Problem
+    rows: tuple[Verdict, ...]
+
+    def chosen(self, platform: str) -> Backend | None:
+        return next((v.backend for v in self.rows if v.platform == platform and v.chosen), None)
+
+    def __str__(self) -> str:
+        p = self.problem
+        lines = [f"sdpa problem: B={p.batch} Hq={p.q_heads} Hk={p.kv_heads} L={p.q_len} "
+                 f"S={p.kv_len} E={p.head_dim} Ev={p.v_head_dim} dtype={p.dtype} "
+                 f"causal_offset={p.causal_offset} mask={p.mask_dtype}{p.mask_shape or ''} "
+                 f"dropout_p={p.dropout_p}"]
+        for platform in PLATFORMS:
+            lines.append(f"{platform}:")
+            lines += [f"  {v.backend.value:<18} {v.describe()}"
+                      for v in self.rows if v.platform == platform]
+        return "\n".join(lines)
+
+
+def explanation(problem: Problem) -> Explanation:
+    return Explanation(problem, tuple(v for p in PLATFORMS for v in verdicts(problem, p)))
