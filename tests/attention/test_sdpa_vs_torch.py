@@ -1,0 +1,162 @@
+"""tfx.sdpa against torch.nn.functional.scaled_dot_product_attention: outputs and gradients,
+each CPU kernel forced in turn, over shapes, masks, GQA, scale and causal."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from torch_reference import torch_sdpa
+
+import transformax as tfx
+from transformax.attention.backends import xla_flash
+
+KERNELS = [tfx.Backend.MATH, tfx.Backend.XLA_FLASH]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Small xla_flash tiles so that small shapes still cover several (and ragged) tiles."""
+    monkeypatch.setattr(xla_flash, "block_sizes", lambda problem: (8, 16))
+
+
+def run(kernel, q, k, v, cotangent, with_mask_grad=False, **kwargs):
+    """Jitted output and gradients of tfx.sdpa under one forced kernel."""
+    mask = kwargs.pop("attn_mask", None)
+
+    def f(q, k, v, mask):
+        return tfx.sdpa(q, k, v, attn_mask=mask, **kwargs)
+
+    with tfx.sdpa_kernel([kernel]):
+        argnums = (0, 1, 2, 3) if with_mask_grad else (0, 1, 2)
+        out, vjp = jax.vjp(lambda *a: jax.jit(f)(*a, *([mask] if len(a) == 3 else [])),
+                           *(q, k, v, mask)[:len(argnums)])
+        return out, vjp(jnp.asarray(cotangent, out.dtype))
+
+
+def check(q, k, v, atol=2e-5, rtol=2e-5, **kwargs):
+    rng = np.random.default_rng(1)
+    mask = kwargs.get("attn_mask")
+    mask_grad = mask is not None and not isinstance(mask, tfx.CausalMask) and mask.dtype != bool
+    torch_kwargs = dict(kwargs)
+    if isinstance(mask, tfx.CausalMask):
+        torch_kwargs["attn_mask"] = np.asarray(mask.to_dense())
+    out_probe = tfx.sdpa(q, k, v, **kwargs)
+    cotangent = rng.standard_normal(out_probe.shape).astype(np.float32)
+    want, want_grads = torch_sdpa(q, k, v, cotangent, **torch_kwargs)
+    for kernel in KERNELS:
+        out, grads = run(kernel, q, k, v, cotangent, with_mask_grad=mask_grad, **kwargs)
+        np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=rtol,
+                                   err_msg=f"{kernel} output")
+        for name, got, ref in zip("qkvm", grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=atol * 5,
+                                       rtol=rtol * 5, err_msg=f"{kernel} d{name}")
+
+
+MASK_KINDS = ["none", "causal", "lower_right", "bool_full", "bool_keys", "float_rows"]
+
+
+@given(batch=st.sampled_from([(), (2,), (2, 1)]), kv_heads=st.sampled_from([1, 2]),
+       groups=st.sampled_from([1, 2]), q_len=st.integers(1, 40), kv_len=st.integers(1, 40),
+       head_dim=st.sampled_from([8, 16]), v_head_dim=st.sampled_from([8, 16]),
+       mask_kind=st.sampled_from(MASK_KINDS), scale=st.sampled_from([None, 0.3, -0.7]),
+       seed=st.integers(0, 2**16))
+def test_matches_torch(batch, kv_heads, groups, q_len, kv_len, head_dim, v_head_dim, mask_kind,
+                       scale, seed):
+    rng = np.random.default_rng(seed)
+    heads = kv_heads * groups
+    q = rng.standard_normal((*batch, heads, q_len, head_dim)).astype(np.float32)
+    k = rng.standard_normal((*batch, kv_heads, kv_len, head_dim)).astype(np.float32)
+    v = rng.standard_normal((*batch, kv_heads, kv_len, v_head_dim)).astype(np.float32)
+    kwargs = {"scale": scale, "enable_gqa": groups > 1}
+    if mask_kind == "causal":
+        kwargs["is_causal"] = True
+    elif mask_kind == "lower_right":
+        kwargs["attn_mask"] = tfx.causal_lower_right(q_len, kv_len)
+    elif mask_kind == "bool_full":
+        kwargs["attn_mask"] = rng.random((*batch, heads, q_len, kv_len)) < 0.7
+    elif mask_kind == "bool_keys":
+        kwargs["attn_mask"] = rng.random((*batch, 1, 1, kv_len)) < 0.7
+    elif mask_kind == "float_rows":
+        kwargs["attn_mask"] = rng.standard_normal((q_len, kv_len)).astype(np.float32)
+    check(q, k, v, **kwargs)
+
+
+def test_broadcast_batch_dims_and_rank_two():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((3, 1, 2, 9, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 4, 1, 11, 8)).astype(np.float32)
+    v = rng.standard_normal((11, 8)).astype(np.float32)
+    check(q, k, v, is_causal=True)
+    check(q[0, 0, 0], k[0, 0, 0], v)
+
+
+def test_key_value_heads_differ_under_gqa():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 9, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 11, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 11, 8)).astype(np.float32)
+    check(q, k, v, enable_gqa=True)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_gradients():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 12, 8)).astype(np.float32) for _ in range(3))
+    mask = np.ones((12, 12), bool)
+    mask[3] = False
+    mask[7, :] = False
+    float_mask = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    for kernel in KERNELS:
+        for m in (mask, float_mask):
+            out, grads = run(kernel, q, k, v, np.ones((2, 12, 8), np.float32), attn_mask=m)
+            assert np.all(np.asarray(out)[:, [3, 7]] == 0)
+            assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+            _, lse = tfx.sdpa(q, k, v, attn_mask=m, return_lse=True)
+            assert np.all(np.asarray(lse)[:, [3, 7]] == -np.inf)
+    # A lower-right causal mask with L > S hides the first L - S rows entirely.
+    out = tfx.sdpa(q, k[:, :5], v[:, :5], attn_mask=tfx.causal_lower_right(12, 5))
+    assert np.all(np.asarray(out)[:, :7] == 0) and np.all(np.asarray(out)[:, 7:] != 0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
+def test_half_precision_close_to_f32(dtype, atol):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 2, 24, 16)).astype(np.float32) for _ in range(3))
+    rounded = [np.asarray(jnp.asarray(x, dtype), np.float32) for x in (q, k, v)]
+    want, _ = torch_sdpa(*rounded, np.zeros((2, 2, 24, 16)), is_causal=True)
+    for kernel in KERNELS:
+        with tfx.sdpa_kernel([kernel]):
+            out = jax.jit(lambda q, k, v: tfx.sdpa(q, k, v, is_causal=True))(
+                *(jnp.asarray(x, dtype) for x in (q, k, v)))
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=atol)
+
+
+def test_lse_is_logsumexp_of_masked_scaled_scores():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 10, 8)).astype(np.float32) for _ in range(3))
+    scores = np.einsum("hle,hse->hls", q, k) * 0.5
+    scores = np.where(np.tril(np.ones((10, 10), bool)), scores, -np.inf)
+    want = np.log(np.exp(scores).sum(-1))
+    for kernel in KERNELS:
+        with tfx.sdpa_kernel([kernel]):
+            _, lse = tfx.sdpa(q, k, v, is_causal=True, scale=0.5, return_lse=True)
+        assert lse.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(lse), want, atol=1e-5, rtol=1e-5)
+
+
+def test_lse_gradient_matches_math():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 20, 8)).astype(np.float32) for _ in range(3))
+
+    def loss(q, k, v):
+        out, lse = tfx.sdpa(q, k, v, is_causal=True, return_lse=True)
+        return jnp.sum(out * out) + jnp.sum(jnp.sin(lse))
+
+    grads = {}
+    for kernel in KERNELS:
+        with tfx.sdpa_kernel([kernel]):
+            grads[kernel] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(*grads.values()):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
