@@ -160,3 +160,15 @@ def test_lse_gradient_matches_math():
             grads[kernel] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(*grads.values()):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_key_or_query_sequences():
+    q = np.ones((2, 3, 4, 8), np.float32)
+    empty = np.ones((2, 3, 0, 8), np.float32)
+    want, _ = torch_sdpa(q, empty, empty, np.zeros((2, 3, 4, 8)))
+    out, lse = tfx.sdpa(q, empty, empty, return_lse=True)
+    np.testing.assert_array_equal(out, want)
+    assert np.all(np.asarray(lse) == -np.inf)
+    grad = jax.grad(lambda q: jnp.sum(tfx.sdpa(q, empty, empty)))(q)
+    np.testing.assert_array_equal(grad, 0)
+    assert tfx.sdpa(empty, q, q).shape == (2, 3, 0, 8)

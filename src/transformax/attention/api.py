@@ -144,8 +144,18 @@ class _Call:
             mask = mask.reshape(1, 1, *mask.shape)
         return mask
 
+    @property
+    def is_empty(self) -> bool:
+        p = self.problem
+        return 0 in (p.batch, p.q_heads, p.q_len, p.kv_len)
+
     def run(self, plan):
-        out, lse = attention(self.problem, plan, self.q, self.k, self.v, self.mask, self.seed)
+        p = self.problem
+        if self.is_empty:  # no keys (or no queries): every row attends to nothing, as in torch
+            out = jnp.zeros((p.batch, p.q_heads, p.q_len, p.v_head_dim), self.q.dtype)
+            lse = jnp.full(out.shape[:-1], -jnp.inf, jnp.float32)
+        else:
+            out, lse = attention(p, plan, self.q, self.k, self.v, self.mask, self.seed)
         out = out.reshape(*self.batch_shape, self.q_len, out.shape[-1])
         return out, lse.reshape(*self.batch_shape, self.q_len)
 
@@ -185,8 +195,8 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     call = _Call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  dropout_rng)
     problem, platform = call.problem, current_platform()
-    plan = select.plan(problem)
-    if dict(plan).get(platform) is None:
+    plan = None if call.is_empty else select.plan(problem)
+    if plan is not None and dict(plan).get(platform) is None:
         raise select.no_kernel_error(problem, platform)
     out, lse = call.run(plan)
     return (out, lse) if return_lse else out
