@@ -87,7 +87,8 @@ def attention_flops(batch, heads, length, dim, causal, backward) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="run the GPU sweep instead")
+    parser.add_argument("--gpu", action="store_true",
+                        help="run scripts/bench_attention_gpu.py with the other arguments")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
@@ -99,11 +100,13 @@ def main(argv=None):
                         help="skip kernels that materialise scores larger than this")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--out", default="bench_out")
-    args, rest = parser.parse_known_args(argv)
-    if args.gpu:
-        sys.argv = [str(pathlib.Path(__file__).with_name("bench_attention_gpu.py")), *rest]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu" in argv:  # the GPU sweep has its own options: pass them all through
+        script = str(pathlib.Path(__file__).with_name("bench_attention_gpu.py"))
+        sys.argv = [script, *(a for a in argv if a != "--gpu")]
+        runpy.run_path(script, run_name="__main__")
         return
+    args = parser.parse_args(argv)
 
     import torch
     torch.set_num_threads(os.cpu_count())

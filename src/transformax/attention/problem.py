@@ -82,6 +82,16 @@ def finite_or_zero(row_max):
     return jnp.where(row_max == -jnp.inf, 0.0, row_max)
 
 
+def row_delta(out, dout, dlse):
+    """``rowsum(dout * out) - dlse`` in f32: the backward pass's per-row correction."""
+    return jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: the number of ``b``-sized blocks covering ``a``."""
+    return -(-a // b)
+
+
 def _fmix32(x):
     """MurmurHash3's 32-bit finaliser: a cheap, well-mixing uint32 -> uint32 map."""
     x = x ^ (x >> 16)

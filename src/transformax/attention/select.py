@@ -30,10 +30,12 @@ PRIORITY = {
     "cuda": (Backend.PALLAS_MOSAIC_GPU, Backend.PALLAS_TRITON, Backend.CUDNN,
              Backend.XLA_FLASH, Backend.MATH),
     "tpu": (Backend.PALLAS_TPU, Backend.XLA_FLASH, Backend.MATH),
-    "cpu": (Backend.XLA_FLASH, Backend.MATH),
+    # The Pallas kernels run on cpu only in interpret mode (TRANSFORMAX_PALLAS_INTERPRET=1).
+    "cpu": (Backend.XLA_FLASH, Backend.MATH, Backend.PALLAS_TRITON, Backend.PALLAS_TPU),
 }
 
-_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH}
+_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH, Backend.PALLAS_TRITON, Backend.PALLAS_TPU,
+                Backend.CUDNN}
 
 _allowed: contextvars.ContextVar[tuple[tuple[Backend, ...], bool] | None] = (
     contextvars.ContextVar("transformax_sdpa_kernel", default=None))

@@ -18,7 +18,8 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from transformax.attention.problem import Problem, dropout_keep, finite_or_zero, mask_scores
+from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
+                                          mask_scores, row_delta)
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
@@ -35,7 +36,7 @@ def block_sizes(problem: Problem) -> tuple[int, int]:
 
 
 def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+    return cdiv(n, m) * m
 
 
 def _pad(x, axis: int, size: int):
@@ -50,7 +51,7 @@ class _Tiling:
     def __init__(self, problem: Problem):
         p = self.p = problem
         self.bq, self.bk = block_sizes(problem)
-        self.nq, self.nk = -(-p.q_len // self.bq), -(-p.kv_len // self.bk)
+        self.nq, self.nk = cdiv(p.q_len, self.bq), cdiv(p.kv_len, self.bk)
         self.rows_per_block = p.groups * self.bq
         ragged = p.kv_len % self.bk != 0
         visible, unmasked = [], []
@@ -188,7 +189,7 @@ def forward(problem: Problem, q, k, v, mask, seed):
 def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
     t = _Tiling(problem)
     p = problem
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+    delta = row_delta(out, dout, dlse)
     q_blocks, k, v, mask = t.prepare(q, k, v, mask)
     dout_blocks = t.q_blocks(dout)
     lse_blocks = finite_or_zero(t.q_blocks(lse[..., None])[..., 0])  # hidden rows: p = 0

@@ -1,0 +1,449 @@
+"""Flash attention as Pallas kernels with the Triton lowering (NVIDIA GPUs, sm80+).
+
+Forward: one program per (query block, batch, query head) runs the online softmax over the
+visible key blocks with f32 statistics and base-2 exponentials: first the key blocks a causal
+mask shows completely (no masking work), then the diagonal and ragged ones; hidden blocks are
+never read. The backward pass is two kernels that recompute the probabilities from the saved
+log-sum-exp: one per key block and key/value head (dk, dv, looping over the query heads of its
+GQA group and the query blocks that see it), one per query block (dq).
+
+Nothing is padded or repeated in memory: head dims are padded to a power of two and ragged
+sequence ends handled by masked loads and stores. A bool mask is read as int8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from transformax.attention.backends import pallas_common as pc
+from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
+                                          mask_scores, row_delta)
+
+# The Triton lowering is used on purpose (the portable sm80+ kernel, and the one interpret mode
+# checks); JAX 0.11 deprecates it in favour of Mosaic GPU and would warn at every lowering.
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MAX_HEAD_DIM = 256
+_DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
+_TN = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of a.T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes (powers of two, >= 16) and Triton launch parameters."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    block_q_dkv: int = 32  # the dk/dv kernel: one key block, looping over query blocks
+    block_k_dkv: int = 128
+    block_q_dq: int = 128  # the dq kernel: one query block, looping over key blocks
+    block_k_dq: int = 32
+    bwd_warps: int = 8
+    bwd_stages: int = 2
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def default_config(problem: Problem) -> Config:
+    """Tiles for A100/H100 shared memory by the bytes of one (padded) head row, shrunk to the
+    sequence lengths."""
+    row_bytes = _pow2(max(problem.head_dim, problem.v_head_dim)) * problem.dtype.itemsize
+    if row_bytes <= 128:  # head dim <= 64 in 16-bit
+        cfg = Config(num_warps=4, block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
+                     bwd_warps=4)
+    elif row_bytes <= 256:  # head dim 128 in 16-bit
+        cfg = Config()
+    else:  # head dim 256 in 16-bit, or f32 beyond 64
+        small = 32 if row_bytes <= 512 else 16
+        cfg = Config(block_q=2 * small, block_k=small, num_warps=4, num_stages=2,
+                     block_q_dkv=small, block_k_dkv=small, block_q_dq=small, block_k_dq=small,
+                     bwd_warps=4)
+    lq, lk = _pow2(problem.q_len), _pow2(problem.kv_len)
+    return dataclasses.replace(
+        cfg, block_q=min(cfg.block_q, lq), block_k=min(cfg.block_k, lk),
+        block_q_dkv=min(cfg.block_q_dkv, lq), block_k_dkv=min(cfg.block_k_dkv, lk),
+        block_q_dq=min(cfg.block_q_dq, lq), block_k_dq=min(cfg.block_k_dq, lk))
+
+
+def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
+    reasons = pc.cpu_reasons(platform)
+    if problem.dtype not in _DTYPES:
+        reasons.append(f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)")
+    for name, dim in (("E", problem.head_dim), ("Ev", problem.v_head_dim)):
+        if dim > MAX_HEAD_DIM:
+            reasons.append(f"head dim {name}={dim} is larger than {MAX_HEAD_DIM}")
+    capability = pc.cuda_capability() if platform == "cuda" else None
+    if capability is not None and capability < (8, 0):
+        reasons.append(f"needs an sm80+ GPU (found sm{capability[0]}{capability[1]})")
+    return reasons
+
+
+def _bounds(start, size: int, length: int, width: int, padded: int, check_rows: bool):
+    """The load/store mask of a ``(size, padded)`` tile at row ``start``: rows below ``length``
+    (when ``check_rows``) and columns below ``width``; None where everything is in bounds."""
+    mask = None
+    if check_rows:
+        mask = (start + jnp.arange(size) < length)[:, None]
+    if width < padded:
+        cols = (jnp.arange(padded) < width)[None, :]
+        mask = cols if mask is None else mask & cols
+    return mask
+
+
+def _load(ref, lead: tuple, start, size: int, length: int, width: int, check_rows: bool):
+    """Rows ``[start, start + size)`` of the 2-D slab ``ref[lead]``, all its (padded) columns;
+    zeros beyond ``length`` rows and ``width`` columns."""
+    padded = ref.shape[-1]
+    index = (*lead, pl.ds(start, size), pl.ds(0, padded))
+    mask = _bounds(start, size, length, width, padded, check_rows)
+    if mask is None:
+        return ref[index]
+    return plgpu.load(ref.at[index], mask=mask, other=0)
+
+
+def _store(ref, value, start, length: int, width: int, check_rows: bool):
+    """Stores a ``(size, padded)`` tile at rows ``[start, start + size)`` of the 2-D ``ref``,
+    within ``length`` rows and ``width`` columns."""
+    size, padded = value.shape
+    index = (pl.ds(start, size), pl.ds(0, padded))
+    mask = _bounds(start, size, length, width, padded, check_rows)
+    if mask is None:
+        ref[index] = value.astype(ref.dtype)
+    else:
+        plgpu.store(ref.at[index], value.astype(ref.dtype), mask=mask)
+
+
+def _load_rows(ref, lead: tuple, start, size: int, length: int, check_rows: bool):
+    """Per-row statistics ``ref[lead][start:start + size]``, zeros at and beyond ``length``."""
+    index = (*lead, pl.ds(start, size))
+    if not check_rows:
+        return ref[index]
+    return plgpu.load(ref.at[index], mask=start + jnp.arange(size) < length, other=0.0)
+
+
+def _store_rows(ref, value, start, length: int, check_rows: bool):
+    """Stores per-row statistics at ``[start, start + size)``, below ``length``."""
+    index = pl.ds(start, value.shape[0])
+    if check_rows:
+        plgpu.store(ref.at[index], value, mask=start + jnp.arange(value.shape[0]) < length)
+    else:
+        ref[index] = value
+
+
+class _Scores:
+    """Scores and dropout of tiles of one (batch, query head), shared by the three kernels."""
+
+    def __init__(self, problem: Problem, mask_ref, seed_ref, batch_head):
+        self.p = problem
+        self.dense_only = dataclasses.replace(problem, causal_offset=None)
+        self.mask_ref = mask_ref
+        self.seed = None if seed_ref is None else (seed_ref[0], seed_ref[1])
+        self.batch_head = batch_head
+
+    def __call__(self, q, k, row0, col0, mask_head, edge: bool):
+        """Base-2 scores ``log2(e) * (scale * q k^T + mask)`` of the tile at ``(row0, col0)``,
+        masked; ``edge`` tiles also get the causal and sequence-end masks."""
+        p = self.p
+        rows, cols = _coords(row0, col0, q.shape[0], k.shape[0])
+        s = lax.dot_general(q, k, pc.NT, preferred_element_type=jnp.float32)
+        s = s * jnp.float32(p.scale * LOG2E)
+        tile = None
+        if self.mask_ref is not None:
+            tile = self._mask_tile(mask_head, row0, col0, rows, cols, edge)
+        if edge or tile is not None:
+            s = mask_scores(p if edge else self.dense_only, s, rows, cols, tile)
+        if edge and p.kv_len % k.shape[0]:
+            s = jnp.where(cols < p.kv_len, s, -jnp.inf)
+        return s
+
+    def _mask_tile(self, head, row0, col0, rows, cols, edge: bool):
+        p, ref = self.p, self.mask_ref
+        lm, sm = ref.shape[-2:]
+        size_q, size_k = rows.shape[0], cols.shape[1]
+        index = (jnp.int32(head) if isinstance(head, int) else head,  # masked loads need arrays
+                 pl.ds(row0, size_q) if lm > 1 else pl.ds(0, 1),
+                 pl.ds(col0, size_k) if sm > 1 else pl.ds(0, 1))
+        valid = None
+        if lm > 1 and p.q_len % size_q:
+            valid = rows < p.q_len
+        if sm > 1 and edge and p.kv_len % size_k:
+            valid = cols < p.kv_len if valid is None else valid & (cols < p.kv_len)
+        tile = ref[index] if valid is None else plgpu.load(ref.at[index], mask=valid, other=0)
+        if p.mask_is_bool:
+            return tile != 0
+        return tile.astype(jnp.float32) * jnp.float32(LOG2E)
+
+    def keep(self, row0, col0, size_q: int, size_k: int):
+        """The dropout keep-mask of the tile at ``(row0, col0)`` (None without dropout)."""
+        if self.seed is None:
+            return None
+        rows, cols = _coords(row0, col0, size_q, size_k)
+        return dropout_keep(self.seed, self.p.dropout_p, self.batch_head, rows, cols)
+
+
+def _coords(row0, col0, size_q: int, size_k: int):
+    """Row indices ``(size_q, 1)`` and column indices ``(1, size_k)`` of a tile."""
+    return row0 + jnp.arange(size_q)[:, None], col0 + jnp.arange(size_k)[None, :]
+
+
+def _fori(lo, hi, body, carry):
+    """``lax.fori_loop``, left out where the range is statically empty (its tiles may not even
+    fit the sequence)."""
+    if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
+        return carry
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _query_block(p: Problem, bq: int):
+    """This program's query block; under a causal mask the longest rows are launched first."""
+    i = pl.program_id(0)
+    return i if p.causal_offset is None else cdiv(p.q_len, bq) - 1 - i
+
+
+def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
+    q_ref, k_ref, v_ref, mask_ref, seed_ref, (o_ref, lse_ref) = pc.split_refs(p, refs)
+    i, b, h = _query_block(p, bq), pl.program_id(1), pl.program_id(2)
+    scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + h)
+    ragged_q = p.q_len % bq != 0
+    q = _load(q_ref, (), i * bq, bq, p.q_len, p.head_dim, ragged_q)
+
+    def step(edge: bool):
+        def body(j, carry):
+            acc, row_max, total = carry
+            check = edge and p.kv_len % bk != 0
+            k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
+            v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
+            s = scores(q, k, i * bq, j * bk, 0, edge)
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+            safe_max = finite_or_zero(new_max)
+            correction = jnp.exp2(row_max - safe_max)
+            weights = jnp.exp2(s - safe_max[:, None])
+            total = total * correction + jnp.sum(weights, axis=1)
+            keep = scores.keep(i * bq, j * bk, bq, bk)
+            if keep is not None:
+                weights = jnp.where(keep, weights, 0.0)
+            pv = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return acc * correction[:, None] + pv, new_max, total
+        return body
+
+    carry = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+             jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    n_full, n_visible = pc.key_blocks(p, i, bq, bk)
+    carry = _fori(0, n_full, step(False), carry)
+    carry = _fori(n_full, n_visible, step(True), carry)
+    acc, row_max, total = carry
+    visible = total > 0
+    safe_total = jnp.where(visible, total, 1.0)
+    out = acc / safe_total[:, None]
+    if p.has_dropout:
+        out = out / (1.0 - p.dropout_p)
+    lse = jnp.where(visible, finite_or_zero(row_max) * LN2 + jnp.log(safe_total), -jnp.inf)
+    _store(o_ref, out, i * bq, p.q_len, p.v_head_dim, ragged_q)
+    _store_rows(lse_ref, lse, i * bq, p.q_len, ragged_q)
+
+
+def _dq_kernel(*refs, p: Problem, bq: int, bk: int):
+    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
+    do_ref, lse_ref, delta_ref, dq_ref = rest
+    i, b, h = _query_block(p, bq), pl.program_id(1), pl.program_id(2)
+    scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + h)
+    ragged_q = p.q_len % bq != 0
+    q = _load(q_ref, (), i * bq, bq, p.q_len, p.head_dim, ragged_q)
+    do = _load(do_ref, (), i * bq, bq, p.q_len, p.v_head_dim, ragged_q)
+    lse = _load_rows(lse_ref, (), i * bq, bq, p.q_len, ragged_q)
+    lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
+    delta = _load_rows(delta_ref, (), i * bq, bq, p.q_len, ragged_q)
+
+    def step(edge: bool):
+        def body(j, dq):
+            check = edge and p.kv_len % bk != 0
+            k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
+            v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
+            probs = jnp.exp2(scores(q, k, i * bq, j * bk, 0, edge) - lse[:, None])
+            dp = lax.dot_general(do, v, pc.NT, preferred_element_type=jnp.float32)
+            keep = scores.keep(i * bq, j * bk, bq, bk)
+            if keep is not None:
+                dp = jnp.where(keep, dp * (1.0 / (1.0 - p.dropout_p)), 0.0)
+            ds = probs * (dp - delta[:, None])
+            return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return body
+
+    dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
+    n_full, n_visible = pc.key_blocks(p, i, bq, bk)
+    dq = _fori(0, n_full, step(False), dq)
+    dq = _fori(n_full, n_visible, step(True), dq)
+    _store(dq_ref, dq * jnp.float32(p.scale), i * bq, p.q_len, p.head_dim, ragged_q)
+
+
+def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
+    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+    j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ragged_q, ragged_k = p.q_len % bq != 0, p.kv_len % bk != 0
+    k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, ragged_k)
+    v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, ragged_k)
+    first, first_full = pc.query_blocks(p, j, bq, bk)
+    nq = cdiv(p.q_len, bq)
+    mask_heads = 1 if mask_ref is None else mask_ref.shape[0]
+
+    def group(g, carry):
+        scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + hk * p.groups + g)
+        mask_head = g if mask_heads > 1 else 0
+
+        def step(edge: bool):
+            def body(i, carry):
+                dk, dv = carry
+                q = _load(q_ref, (g,), i * bq, bq, p.q_len, p.head_dim, ragged_q)
+                do = _load(do_ref, (g,), i * bq, bq, p.q_len, p.v_head_dim, ragged_q)
+                lse = _load_rows(lse_ref, (g,), i * bq, bq, p.q_len, ragged_q)
+                lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
+                delta = _load_rows(delta_ref, (g,), i * bq, bq, p.q_len, ragged_q)
+                probs = jnp.exp2(scores(q, k, i * bq, j * bk, mask_head, edge) - lse[:, None])
+                dp = lax.dot_general(do, v, pc.NT, preferred_element_type=jnp.float32)
+                keep = scores.keep(i * bq, j * bk, bq, bk)
+                dropped = probs
+                if keep is not None:
+                    inv_keep = 1.0 / (1.0 - p.dropout_p)
+                    dropped = jnp.where(keep, probs * inv_keep, 0.0)
+                    dp = jnp.where(keep, dp * inv_keep, 0.0)
+                dv = dv + lax.dot_general(dropped.astype(do.dtype), do, _TN,
+                                          preferred_element_type=jnp.float32)
+                ds = probs * (dp - delta[:, None])
+                dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN,
+                                          preferred_element_type=jnp.float32)
+                return dk, dv
+            return body
+
+        carry = _fori(first, first_full, step(True), carry)
+        return _fori(first_full, nq, step(False), carry)
+
+    carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
+             jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
+    dk, dv = lax.fori_loop(0, p.groups, group, carry)
+    _store(dk_ref, dk * jnp.float32(p.scale), j * bk, p.kv_len, p.head_dim, ragged_k)
+    _store(dv_ref, dv, j * bk, p.kv_len, p.v_head_dim, ragged_k)
+
+
+def _compiler_params(warps: int, stages: int):
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+class _Call:
+    """BlockSpecs over a grid ``(blocks, batch, heads)``. Every ref is one (batch, head) slab
+    (one GQA group of query heads where ``per_group``) holding the whole sequence: the kernels
+    slice their tiles themselves, with masked loads at ragged ends."""
+
+    def __init__(self, p: Problem, per_group: bool):
+        self.p, self.per_group = p, per_group
+        self.pad_e, self.pad_ev = _pow2(p.head_dim), _pow2(p.v_head_dim)
+        sq = pl.squeezed
+        self.q_heads = p.groups if per_group else sq
+        self.q_index = lambda n, b, h: (b, h, 0, 0)  # noqa: E731
+        self.kv_index = self.q_index if per_group else (
+            lambda n, b, h: (b, lax.div(h, p.groups), 0, 0))
+
+    def q_side(self, width: int):
+        return pl.BlockSpec((pl.squeezed, self.q_heads, self.p.q_len, width), self.q_index)
+
+    def rows(self):
+        return pl.BlockSpec((pl.squeezed, self.q_heads, self.p.q_len), lambda n, b, h: (b, h, 0))
+
+    def kv_side(self, width: int):
+        return pl.BlockSpec((pl.squeezed, pl.squeezed, self.p.kv_len, width), self.kv_index)
+
+    def inputs(self, q, k, v, mask, seed):
+        """Specs and operands for q, k, v and, where present, the mask and the seed."""
+        p = self.p
+        specs = [self.q_side(self.pad_e), self.kv_side(self.pad_e), self.kv_side(self.pad_ev)]
+        operands = [q, k, v]
+        if mask is not None:
+            bm, hm, lm, sm = p.mask_shape
+            heads = (p.groups if self.per_group else 1) if hm > 1 else 1
+            specs.append(pl.BlockSpec(
+                (pl.squeezed, heads, lm, sm),
+                lambda n, b, h: (b if bm > 1 else 0, h if hm > 1 else 0, 0, 0)))
+            operands.append(mask.astype(jnp.int8) if p.mask_is_bool else mask)
+        if seed is not None:
+            specs.append(pl.BlockSpec((2,), lambda *_: (0,)))
+            operands.append(seed)
+        return specs, operands
+
+
+def _forward_call(p: Problem, cfg: Config, *, interpret):
+    call = _Call(p, per_group=False)
+
+    def run(q, k, v, mask, seed):
+        specs, operands = call.inputs(q, k, v, mask, seed)
+        rows = (p.batch, p.q_heads, p.q_len)
+        return pl.pallas_call(
+            functools.partial(_fwd_kernel, p=p, bq=cfg.block_q, bk=cfg.block_k),
+            grid=(cdiv(p.q_len, cfg.block_q), p.batch, p.q_heads),
+            in_specs=specs,
+            out_specs=[call.q_side(call.pad_ev), call.rows()],
+            out_shape=[jax.ShapeDtypeStruct((*rows, p.v_head_dim), q.dtype),
+                       jax.ShapeDtypeStruct(rows, jnp.float32)],
+            compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+            interpret=interpret, name="transformax_flash_fwd",
+        )(*operands)
+    return run
+
+
+def _backward_call(p: Problem, cfg: Config, *, interpret):
+    per_q, per_kv = _Call(p, per_group=False), _Call(p, per_group=True)
+    params = _compiler_params(cfg.bwd_warps, cfg.bwd_stages)
+
+    def run(q, k, v, mask, seed, out, lse, dout, dlse):
+        delta = row_delta(out, dout, dlse)
+        specs, operands = per_q.inputs(q, k, v, mask, seed)
+        dq = pl.pallas_call(
+            functools.partial(_dq_kernel, p=p, bq=cfg.block_q_dq, bk=cfg.block_k_dq),
+            grid=(cdiv(p.q_len, cfg.block_q_dq), p.batch, p.q_heads),
+            in_specs=[*specs, per_q.q_side(per_q.pad_ev), per_q.rows(), per_q.rows()],
+            out_specs=per_q.q_side(per_q.pad_e),
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            compiler_params=params, interpret=interpret, name="transformax_flash_dq",
+        )(*operands, dout, lse, delta)
+        specs, operands = per_kv.inputs(q, k, v, mask, seed)
+        dk, dv = pl.pallas_call(
+            functools.partial(_dkdv_kernel, p=p, bq=cfg.block_q_dkv, bk=cfg.block_k_dkv),
+            grid=(cdiv(p.kv_len, cfg.block_k_dkv), p.batch, p.kv_heads),
+            in_specs=[*specs, per_kv.q_side(per_kv.pad_ev), per_kv.rows(), per_kv.rows()],
+            out_specs=[per_kv.kv_side(per_kv.pad_e), per_kv.kv_side(per_kv.pad_ev)],
+            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                       jax.ShapeDtypeStruct(v.shape, v.dtype)],
+            compiler_params=params, interpret=interpret, name="transformax_flash_dkdv",
+        )(*operands, dout, lse, delta)
+        return dq, dk, dv
+    return run
+
+
+def forward(problem: Problem, q, k, v, mask, seed, config: Config | None = None,
+            interpret=None):
+    """``config`` defaults to ``default_config(problem)``; ``interpret`` to per-platform (see
+    ``pallas_common.per_platform``)."""
+    build = functools.partial(_forward_call, problem, config or default_config(problem))
+    return tuple(pc.per_platform(build, q, k, v, mask, seed, interpret=interpret))
+
+
+def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse,
+             config: Config | None = None, interpret=None):
+    build = functools.partial(_backward_call, problem, config or default_config(problem))
+    return tuple(pc.per_platform(build, q, k, v, mask, seed, out, lse, dout, dlse,
+                                 interpret=interpret))

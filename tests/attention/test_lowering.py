@@ -1,0 +1,85 @@
+"""One traced function lowers to the right kernel per platform, also for several platforms at
+once: Pallas Triton on cuda, Pallas Mosaic on tpu, plain XLA on cpu. No GPU or TPU needed."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import transformax as tfx
+from transformax.attention.backends import pallas_common
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "tpu_custom_call"
+SHAPE = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.bfloat16)
+
+
+def attend(q, k, v):
+    return tfx.sdpa(q, k, v, is_causal=True)
+
+
+def attend_grad(q, k, v):
+    return jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+
+def _gpu_target():
+    """Lowering Triton for cuda needs a GPU model; without a GPU, name an H100 (JAX 0.11 reads
+    it from the abstract mesh; 0.10 falls back to sm90 by itself)."""
+    try:
+        jax.devices("gpu")
+        return contextlib.nullcontext()
+    except RuntimeError:
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                             platform="cuda")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                         abstract_device=device)
+        return jax.sharding.use_abstract_mesh(mesh)
+
+
+def lowered(fn, platforms) -> str:
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    with _gpu_target():
+        exported = export.export(jax.jit(fn), platforms=platforms, disabled_checks=checks)(
+            SHAPE, SHAPE, SHAPE)
+    return exported.mlir_module()
+
+
+def test_one_attention_op_in_the_jaxpr():
+    jaxpr = str(jax.make_jaxpr(attend_grad)(SHAPE, SHAPE, SHAPE))
+    assert jaxpr.count("transformax_sdpa[") == 1
+    assert jaxpr.count("transformax_sdpa_bwd[") == 1
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["plain", "interpret_env"])
+def test_cuda_lowering_runs_the_triton_kernels(interpret, monkeypatch):
+    """Interpret mode changes only what cpu runs: cuda still gets the compiled kernels."""
+    if interpret:
+        monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
+        jax.clear_caches()  # the kernels read the switch when traced
+    forward = lowered(attend, ["cuda"])
+    assert forward.count(TRITON_CALL) == 1 and "transformax_flash_fwd" in forward
+    backward = lowered(attend_grad, ["cuda"])
+    assert backward.count(TRITON_CALL) == 3  # forward, dq, dk/dv
+    assert "transformax_flash_dq" in backward and "transformax_flash_dkdv" in backward
+
+
+def test_cpu_lowering_is_plain_xla():
+    for fn in (attend, attend_grad):
+        assert "custom_call" not in lowered(fn, ["cpu"])
+
+
+def test_tpu_lowering_runs_the_mosaic_kernels():
+    assert lowered(attend, ["tpu"]).count(MOSAIC_CALL) == 1
+    assert lowered(attend_grad, ["tpu"]).count(MOSAIC_CALL) == 3
+
+
+def test_multi_platform_lowering():
+    """cpu, cuda and tpu in one module: each platform's kernel, behind a platform switch."""
+    module = lowered(attend_grad, ["cpu", "cuda", "tpu"])
+    assert module.count(TRITON_CALL) == 3 and module.count(MOSAIC_CALL) == 3
+    assert "stablehlo.case" in module
+    assert lowered(attend, ["cpu", "cuda"]).count(TRITON_CALL) == 1

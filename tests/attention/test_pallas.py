@@ -1,0 +1,246 @@
+"""The Pallas kernels (Triton and TPU) against ``math``, forward and gradients.
+
+On cpu they run in Pallas interpret mode (the TPU kernel under the TPU interpreter, which fills
+out-of-bounds block reads with NaN); the tests marked ``gpu``/``tpu`` run the same cases
+compiled on real hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+import transformax as tfx
+from transformax.attention.backends import math as math_kernel
+from transformax.attention.backends import pallas_common, pallas_tpu, pallas_triton
+from transformax.attention.problem import Problem
+
+KERNELS = {
+    "triton": (pallas_triton, pallas_triton.Config(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)),
+    "tpu": (pallas_tpu, pallas_tpu.Config(16, 16, 16, 16)),
+}
+
+
+def _on(platform: str) -> bool:
+    try:
+        return bool(jax.devices(platform))
+    except RuntimeError:
+        return False
+
+
+def problem(*, b=1, hq=2, hk=2, lq=32, s=48, e=16, ev=None, dtype=jnp.float32, causal=None,
+            mask=None, dropout=0.0) -> Problem:
+    mask_dtype, mask_shape = (None, None) if mask is None else mask
+    return Problem(b, hq, hk, lq, s, e, ev or e, np.dtype(dtype), 1.0 / np.sqrt(e), causal,
+                   None if mask_dtype is None else np.dtype(mask_dtype), mask_shape, dropout)
+
+
+# Each case covers tiles the kernels treat differently: ragged ends (16-row tiles), causal tiles
+# hidden / partial / complete, rows that see nothing, GQA/MQA, padded head dims, dense masks,
+# dropout. EXTRA_CASES repeat paths the first cases already take, in other combinations.
+CASES = {
+    "causal_gqa_ragged_dropout": problem(hq=4, hk=2, lq=40, s=56, causal=0, dropout=0.25),
+    "hidden_rows": problem(lq=48, s=40, causal=-20),
+    "bool_mask_mqa_odd_dims": problem(b=2, hk=1, lq=33, s=40, e=24, ev=40,
+                                      mask=(bool, (2, 1, 33, 40))),
+    "float_mask_bf16": problem(s=48, e=32, dtype=jnp.bfloat16, mask=(np.float32, (1, 2, 1, 48))),
+}
+EXTRA_CASES = {
+    "bottom_right": problem(lq=24, s=56, causal=32),
+    "dropout_mqa": problem(hq=4, hk=1, lq=32, s=40, dropout=0.25),
+    "f16_full_tiles": problem(lq=32, s=64, e=32, dtype=jnp.float16),
+}
+TOLERANCE = {np.dtype(jnp.float32): 2e-5, np.dtype(jnp.bfloat16): 3e-2,
+             np.dtype(jnp.float16): 4e-3}
+
+
+def operands(p: Problem, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    q = jax.random.normal(keys[0], (p.batch, p.q_heads, p.q_len, p.head_dim), p.dtype)
+    k = jax.random.normal(keys[1], (p.batch, p.kv_heads, p.kv_len, p.head_dim), p.dtype)
+    v = jax.random.normal(keys[2], (p.batch, p.kv_heads, p.kv_len, p.v_head_dim), p.dtype)
+    mask = None
+    if p.mask_is_bool:
+        mask = jax.random.bernoulli(keys[3], 0.7, p.mask_shape).at[:, :, 3:5].set(False)
+    elif p.has_mask:
+        mask = jax.random.normal(keys[3], p.mask_shape, p.mask_dtype)
+        mask = mask.at[..., 5:9].set(-jnp.inf)
+    seed_bits = jax.random.bits(keys[4], (2,), jnp.uint32) if p.has_dropout else None
+    return q, k, v, mask, seed_bits, keys[5:]
+
+
+def hidden_rows(p: Problem, mask):
+    """(B, Hq, L) True where a row can attend to nothing."""
+    rows = np.arange(p.q_len)[:, None]
+    cols = np.arange(p.kv_len)[None, :]
+    visible = np.ones((p.q_len, p.kv_len), bool)
+    if p.causal_offset is not None:
+        visible &= cols <= rows + p.causal_offset
+    visible = np.broadcast_to(visible, (p.batch, p.q_heads, p.q_len, p.kv_len))
+    if p.mask_is_bool:
+        visible = visible & np.asarray(mask)
+    return ~visible.any(-1)
+
+
+def check_against_math(p: Problem, module, config=None, interpret=None):
+    q, k, v, mask, seed, (kd, kl, _) = operands(p)
+    forward = jax.jit(lambda *a: module.forward(p, *a, config=config, interpret=interpret))
+    backward = jax.jit(lambda *a: module.backward(p, *a, config=config, interpret=interpret))
+    out, lse = forward(q, k, v, mask, seed)
+    want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, mask, seed)
+    tol = TOLERANCE[p.dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                               atol=tol, rtol=tol)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
+
+    dout = jax.random.normal(kd, out.shape, p.dtype)
+    dlse = jax.random.normal(kl, lse.shape, jnp.float32)
+    grads = backward(q, k, v, mask, seed, out, lse, dout, dlse)
+    want = jax.jit(lambda *a: math_kernel.backward(p, *a))(q, k, v, mask, seed, want_out, want_lse,
+                                                           dout, dlse)
+    for name, got, ref in zip("qkv", grads, want):
+        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) or 1.0
+        np.testing.assert_allclose(np.asarray(got, np.float32) / scale,
+                                   np.asarray(ref, np.float32) / scale, atol=4 * tol, rtol=0,
+                                   err_msg=f"d{name}")
+
+    hidden = hidden_rows(p, mask)
+    if hidden.any():
+        assert np.all(np.asarray(out)[hidden] == 0)
+        assert np.all(np.asarray(lse)[hidden] == -np.inf)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+INTERPRETED = {**CASES, **EXTRA_CASES}
+INTERPRET_PARAMS = [*CASES, *(pytest.param(c, marks=pytest.mark.slow) for c in EXTRA_CASES)]
+
+
+@pytest.mark.parametrize("case", INTERPRET_PARAMS)
+def test_triton_interpret(case):
+    check_against_math(INTERPRETED[case], pallas_triton, KERNELS["triton"][1], interpret=True)
+
+
+@pytest.mark.parametrize("case", INTERPRET_PARAMS)
+def test_tpu_interpret(case):
+    check_against_math(INTERPRETED[case], pallas_tpu, KERNELS["tpu"][1],
+                       interpret=pltpu.InterpretParams())
+
+
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
+                              reason="selection on cpu (run with JAX_PLATFORMS=cpu)")
+
+
+@cpu_only
+@pytest.mark.parametrize("backend", [tfx.Backend.PALLAS_TRITON, tfx.Backend.PALLAS_TPU])
+def test_sdpa_runs_pallas_in_interpret_mode(backend, monkeypatch):
+    """Through ``tfx.sdpa`` (default tiles, the primitive, its VJP), jitted."""
+    monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (2, 4, 20, 16))
+    k = jax.random.normal(keys[1], (2, 2, 28, 16))
+    v = jax.random.normal(keys[2], (2, 2, 28, 16))
+    mask = tfx.causal_lower_right(20, 28)
+
+    def loss(q, k, v):
+        out, lse = tfx.sdpa(q, k, v, attn_mask=mask, enable_gqa=True, return_lse=True)
+        return jnp.sum(out * out) + jnp.sum(lse)
+
+    explanation = tfx.explain(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert "eligible" in next(r.describe() for r in explanation.rows
+                              if r.platform == "cpu" and r.backend == backend)
+    results = {}
+    for chosen in (backend, tfx.Backend.MATH):
+        with tfx.sdpa_kernel([chosen]):
+            results[chosen] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(jax.tree.leaves(results[backend]),
+                         jax.tree.leaves(results[tfx.Backend.MATH])):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_reasons(monkeypatch):
+    monkeypatch.delenv(pallas_common.INTERPRET_ENV, raising=False)
+    base = CASES["hidden_rows"]
+    for module in (pallas_triton, pallas_tpu):
+        assert module.reasons_unsupported(base, "cpu") == [
+            "runs on cpu only in Pallas interpret mode (TRANSFORMAX_PALLAS_INTERPRET=1)"]
+    assert pallas_triton.reasons_unsupported(base, "cuda") == []
+    assert pallas_tpu.reasons_unsupported(base, "tpu") == []
+    wide = dataclasses.replace(base, head_dim=320, dtype=np.dtype(jnp.float64))
+    assert pallas_triton.reasons_unsupported(wide, "cuda") == [
+        "dtype float64 is not supported (float16, bfloat16, float32)",
+        "head dim E=320 is larger than 256"]
+    half = dataclasses.replace(base, dtype=np.dtype(jnp.float16))
+    assert pallas_tpu.reasons_unsupported(half, "tpu") == [
+        "dtype float16 is not supported on tpu (bfloat16, float32)"]
+
+
+@cpu_only
+def test_sdpa_without_interpret_mode_names_the_switch(monkeypatch):
+    monkeypatch.delenv(pallas_common.INTERPRET_ENV, raising=False)
+    q = jnp.ones((1, 2, 8, 16))
+    with tfx.sdpa_kernel([tfx.Backend.PALLAS_TRITON]), pytest.raises(RuntimeError) as err:
+        tfx.sdpa(q, q, q)
+    assert "pallas_triton: cannot run: runs on cpu only in Pallas interpret mode" in str(err.value)
+
+
+# --- on real hardware -------------------------------------------------------------------------
+
+LARGE = {
+    "bf16_hd128_causal": problem(b=2, hq=8, hk=2, lq=1000, s=1000, e=128, dtype=jnp.bfloat16,
+                                 causal=0),
+    "bf16_hd64_mask": problem(b=2, hq=4, hk=4, lq=512, s=777, e=64, dtype=jnp.bfloat16,
+                              mask=(bool, (2, 1, 512, 777))),
+    "f16_hd256_dropout": problem(b=1, hq=4, hk=1, lq=300, s=520, e=256, ev=256,
+                                 dtype=jnp.float16, dropout=0.1, causal=220),
+    "f32_hd96": problem(b=1, hq=2, hk=2, lq=200, s=333, e=96, dtype=jnp.float32),
+}
+
+
+ON_DEVICE = {**INTERPRETED, **LARGE}
+
+
+def _reference_precision():
+    return jax.default_matmul_precision("highest")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on("gpu"), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("case, config", [*((c, "default") for c in ON_DEVICE),
+                                          *((c, "small") for c in CASES)])
+def test_triton_gpu(case, config):
+    with _reference_precision():
+        check_against_math(ON_DEVICE[case], pallas_triton,
+                           None if config == "default" else KERNELS["triton"][1])
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not _on("tpu"), reason="needs a TPU")
+@pytest.mark.parametrize("case", [c for c, p in ON_DEVICE.items() if p.dtype != jnp.float16])
+def test_tpu_kernel_on_tpu(case):
+    with _reference_precision():
+        check_against_math(ON_DEVICE[case], pallas_tpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on("gpu"), reason="needs an NVIDIA GPU")
+def test_sdpa_on_gpu_chooses_triton():
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (2, 8, 300, 64), jnp.bfloat16) for key in keys)
+    assert tfx.explain(q, k, v, is_causal=True).chosen("cuda") == tfx.Backend.PALLAS_TRITON
+
+    def loss(q, k, v):
+        return jnp.sum(tfx.sdpa(q, k, v, is_causal=True).astype(jnp.float32) ** 2)
+
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    with tfx.sdpa_kernel([tfx.Backend.MATH]), _reference_precision():
+        want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        w = np.asarray(w, np.float32)
+        np.testing.assert_allclose(np.asarray(g, np.float32) / np.abs(w).max(), w / np.abs(w).max(),
+                                   atol=3e-2)
