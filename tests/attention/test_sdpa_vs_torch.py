@@ -17,8 +17,10 @@ KERNELS = [tfx.Backend.MATH, tfx.Backend.XLA_FLASH]
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Small xla_flash tiles so that small shapes still cover several (and ragged) tiles."""
-    monkeypatch.setattr(xla_flash, "block_sizes", lambda problem: (8, 16))
+    """Small xla_flash tiles, different in the backward pass, so that small shapes still cover
+    several (and ragged) tiles."""
+    monkeypatch.setattr(xla_flash, "block_sizes",
+                        lambda problem, backward=False: (16, 8) if backward else (8, 16))
 
 
 def run(kernel, q, k, v, cotangent, with_mask_grad=False, **kwargs):
