@@ -1,7 +1,21 @@
-"""transformax: accelerated transformers for JAX."""
+"""transformax: accelerated transformers for JAX.
+
+``tfx.sdpa`` and its kernel selection are imported eagerly; the submodules ``nn``, ``models``,
+``generate``, ``flax`` and ``train`` load on first use (so ``import transformax`` stays light).
+"""
+
+import importlib
 
 from transformax.attention import (Backend, CausalMask, causal_lower_right, causal_upper_left,
                                    explain, scaled_dot_product_attention, sdpa, sdpa_kernel)
 
+_SUBMODULES = ("nn", "models", "generate", "flax", "train")
+
 __all__ = ["Backend", "CausalMask", "causal_lower_right", "causal_upper_left", "explain",
-           "scaled_dot_product_attention", "sdpa", "sdpa_kernel"]
+           "scaled_dot_product_attention", "sdpa", "sdpa_kernel", *_SUBMODULES]
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"transformax.{name}")
+    raise AttributeError(f"module 'transformax' has no attribute {name!r}")

@@ -1,0 +1,165 @@
+"""BERT: bidirectional post-LayerNorm encoder with learned positions, token types and a padding
+mask; a masked-language-model head tied to the word embedding.
+
+``params = init(key, cfg)``; ``hidden = apply(params, tokens, cfg, attention_mask=...)``;
+``logits = mlm_logits(params, hidden, cfg)``; ``from_hf`` converts a Hugging Face
+``BertModel`` (no MLM head) or ``BertForMaskedLM``. The pooler is not part of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from transformax import nn
+from transformax.models import _common
+from transformax.models._hf import HFTensors, resolve_config
+
+num_params = _common.num_params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(nn.Precision):
+    """BERT hyperparameters; the defaults are BERT-base (Hugging Face's ``BertConfig()``)."""
+
+    vocab_size: int = 30522
+    n_layer: int = 12
+    n_head: int = 12
+    dim: int = 768
+    hidden_dim: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def init(key: jax.Array, cfg: Config) -> dict:
+    """Parameters (with the MLM head): Normal(0, init_std) weights, zero biases, unit
+    LayerNorm scales."""
+    dtype, d, std = cfg.policy.param_dtype, cfg.dim, cfg.init_std
+    k_word, k_pos, k_type, k_mlm, *k_blocks = jax.random.split(key, 4 + cfg.n_layer)
+
+    def block(k):
+        k_attn, k_mlp = jax.random.split(k)
+        return {"attn": nn.attention_init(k_attn, d, cfg.n_head, cfg.n_head, d // cfg.n_head,
+                                          std=std, dtype=dtype),
+                "attn_norm": nn.layer_norm_init(d, dtype=dtype),
+                "mlp": nn.gelu_mlp_init(k_mlp, d, cfg.hidden_dim, std=std, dtype=dtype),
+                "mlp_norm": nn.layer_norm_init(d, dtype=dtype)}
+
+    return {"embed": {"word": nn.embedding_init(k_word, cfg.vocab_size, d, std=std, dtype=dtype),
+                      "position": nn.embedding_init(k_pos, cfg.max_position, d, std=std,
+                                                    dtype=dtype),
+                      "token_type": nn.embedding_init(k_type, cfg.type_vocab_size, d, std=std,
+                                                      dtype=dtype),
+                      "norm": nn.layer_norm_init(d, dtype=dtype)},
+            "blocks": [block(k) for k in k_blocks],
+            "mlm": {"transform": nn.linear_init(k_mlm, d, d, std=std, dtype=dtype),
+                    "norm": nn.layer_norm_init(d, dtype=dtype),
+                    "bias": jnp.zeros((cfg.vocab_size,), dtype)}}
+
+
+def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
+          token_type_ids: jax.Array | None = None, train: bool = False,
+          rng: jax.Array | None = None) -> jax.Array:
+    """Final hidden states ``(B, T, dim)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
+
+    ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding (padding keys are masked;
+    padding rows still get hidden states). ``token_type_ids (B, T)`` default to 0.
+    ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
+    """
+    _common.check_tokens(tokens, cfg.max_position, "max_position")
+    if token_type_ids is not None and token_type_ids.shape != tokens.shape:
+        raise ValueError(f"token_type_ids must have the tokens' shape {tokens.shape}, got "
+                         f"{token_type_ids.shape}")
+    mask = None if attention_mask is None else _common.padding_mask(attention_mask, tokens)
+    policy = cfg.policy
+    p = policy.cast_to_compute(params)
+    rate = cfg.dropout if train else 0.0
+    keys = iter(_common.dropout_keys(rng, rate, 1 + 3 * cfg.n_layer))
+    eps = cfg.layer_norm_eps
+    emb = p["embed"]
+    x = nn.embed(emb["word"], tokens) + emb["position"][:tokens.shape[1]]
+    x = x + (emb["token_type"][0] if token_type_ids is None
+             else nn.embed(emb["token_type"], token_type_ids))
+    x = nn.dropout(nn.layer_norm(emb["norm"], x, eps=eps), rate, next(keys))
+    for blk in p["blocks"]:
+        h, _ = nn.self_attention(blk["attn"], x, n_head=cfg.n_head, n_kv_head=cfg.n_head,
+                                 mask=mask, dropout_rate=rate, dropout_rng=next(keys))
+        x = nn.layer_norm(blk["attn_norm"], x + nn.dropout(h, rate, next(keys)), eps=eps)
+        h = nn.gelu_mlp(blk["mlp"], x, approximate=False)
+        x = nn.layer_norm(blk["mlp_norm"], x + nn.dropout(h, rate, next(keys)), eps=eps)
+    return policy.cast_to_output(x)
+
+
+def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
+    """Masked-LM logits ``(B, T, vocab_size)`` from ``apply``'s hidden states: dense, GELU,
+    LayerNorm, then the word embedding (tied) plus a bias."""
+    if "mlm" not in params:
+        raise ValueError("params have no 'mlm' head (converted from a BertModel? convert a "
+                         "BertForMaskedLM, or init() one)")
+    policy = cfg.policy
+    p = policy.cast_to_compute({"mlm": params["mlm"], "word": params["embed"]["word"]})
+    x = jax.nn.gelu(nn.linear(p["mlm"]["transform"], hidden.astype(policy.compute_dtype)),
+                    approximate=False)
+    x = nn.layer_norm(p["mlm"]["norm"], x, eps=cfg.layer_norm_eps)
+    return policy.cast_to_output(nn.unembed(p["word"], x) + p["mlm"]["bias"])
+
+
+def config_from_hf(hf_cfg, **overrides) -> Config:
+    """Our ``Config`` for a Hugging Face ``BertConfig`` (``overrides`` e.g. dtypes)."""
+    if hf_cfg.hidden_act != "gelu":
+        raise ValueError(f"from_hf: hidden_act={hf_cfg.hidden_act!r} is not supported (gelu)")
+    if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"from_hf: position_embedding_type={hf_cfg.position_embedding_type!r} "
+                         f"is not supported (absolute)")
+    return Config(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers,
+                  n_head=hf_cfg.num_attention_heads, dim=hf_cfg.hidden_size,
+                  hidden_dim=hf_cfg.intermediate_size,
+                  max_position=hf_cfg.max_position_embeddings,
+                  type_vocab_size=hf_cfg.type_vocab_size, layer_norm_eps=hf_cfg.layer_norm_eps,
+                  dropout=hf_cfg.hidden_dropout_prob, init_std=hf_cfg.initializer_range,
+                  **overrides)
+
+
+def from_hf(model_or_state_dict, config=None, **overrides) -> tuple[dict, Config]:
+    """``(params, cfg)`` from a Hugging Face ``BertForMaskedLM`` (with the MLM head) or
+    ``BertModel`` (without; the pooler is dropped), or a state dict of one (then ``config``: a
+    ``BertConfig`` or our ``Config``). Raises naming any missing or misshapen tensor."""
+    cfg = resolve_config(model_or_state_dict, config, Config, config_from_hf, overrides)
+    t = HFTensors(model_or_state_dict, "bert.", cfg.policy.param_dtype)
+    d = cfg.dim
+
+    def block(i):
+        pre = f"encoder.layer.{i}"
+        attn = f"{pre}.attention.self"
+        return {"attn": {"qkv": t.fused_linear([f"{attn}.query", f"{attn}.key", f"{attn}.value"],
+                                               d, [d] * 3, bias=True),
+                         "out": t.linear(f"{pre}.attention.output.dense", d, d)},
+                "attn_norm": t.layer_norm(f"{pre}.attention.output.LayerNorm", d),
+                "mlp": {"fc": t.linear(f"{pre}.intermediate.dense", d, cfg.hidden_dim),
+                        "proj": t.linear(f"{pre}.output.dense", cfg.hidden_dim, d)},
+                "mlp_norm": t.layer_norm(f"{pre}.output.LayerNorm", d)}
+
+    params = {"embed": {"word": t.get("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
+                        "position": t.get("embeddings.position_embeddings.weight",
+                                          (cfg.max_position, d)),
+                        "token_type": t.get("embeddings.token_type_embeddings.weight",
+                                            (cfg.type_vocab_size, d)),
+                        "norm": t.layer_norm("embeddings.LayerNorm", d)},
+              "blocks": [block(i) for i in range(cfg.n_layer)]}
+    if any(k.startswith("cls.predictions.") for k in t.state):
+        params["mlm"] = {"transform": t.linear("cls.predictions.transform.dense", d, d),
+                         "norm": t.layer_norm("cls.predictions.transform.LayerNorm", d),
+                         "bias": t.get("cls.predictions.bias", (cfg.vocab_size,))}
+    return params, cfg

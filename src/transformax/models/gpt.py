@@ -1,0 +1,147 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, head tied to the token embedding.
+
+``params = init(key, cfg)``; ``logits = apply(params, tokens, cfg)``; for generation,
+``init_cache`` + ``apply_cached``; ``from_hf`` converts a Hugging Face ``GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from transformax import nn
+from transformax.models import _common
+from transformax.models._hf import HFTensors, resolve_config
+
+num_params = _common.num_params
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(nn.Precision):
+    """GPT-2 hyperparameters; the defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def init(key: jax.Array, cfg: Config) -> dict:
+    """Parameters: Normal(0, init_std) weights, residual projections scaled by
+    ``1 / sqrt(2 n_layer)`` (GPT-2), zero biases, unit LayerNorm scales."""
+    dtype, d = cfg.policy.param_dtype, cfg.n_embd
+    k_wte, k_wpe, *k_blocks = jax.random.split(key, 2 + cfg.n_layer)
+    proj_std = nn.init.residual_std(cfg.init_std, cfg.n_layer)
+
+    def block(k):
+        k_attn, k_mlp = jax.random.split(k)
+        return {"ln_1": nn.layer_norm_init(d, dtype=dtype),
+                "attn": nn.attention_init(k_attn, d, cfg.n_head, cfg.n_head, cfg.head_dim,
+                                          std=cfg.init_std, proj_std=proj_std, dtype=dtype),
+                "ln_2": nn.layer_norm_init(d, dtype=dtype),
+                "mlp": nn.gelu_mlp_init(k_mlp, d, 4 * d, std=cfg.init_std, proj_std=proj_std,
+                                        dtype=dtype)}
+
+    return {"wte": nn.embedding_init(k_wte, cfg.vocab_size, d, std=cfg.init_std, dtype=dtype),
+            "wpe": nn.embedding_init(k_wpe, cfg.block_size, d, std=cfg.init_std, dtype=dtype),
+            "blocks": [block(k) for k in k_blocks],
+            "ln_f": nn.layer_norm_init(d, dtype=dtype)}
+
+
+def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
+          train: bool = False, rng: jax.Array | None = None) -> jax.Array:
+    """Logits ``(B, T, vocab_size)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
+
+    ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding keys (positions stay
+    ``0..T-1``). ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
+    """
+    return _common.decoder_apply(_forward, params, tokens, cfg, "block_size", attention_mask,
+                                 train, rng)
+
+
+def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
+    """An empty KV cache for ``batch`` rows of up to ``max_len <= block_size`` tokens."""
+    return _common.init_cache(cfg, batch, max_len, "block_size", cfg.n_head, cfg.head_dim)
+
+
+def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache, *,
+                 lengths: jax.Array | None = None) -> tuple[jax.Array, nn.KVCache]:
+    """Logits for ``tokens (B, T)`` that continue each row of ``cache`` (row ``b`` at position
+    ``cache.pos[b]``), and the cache with their keys/values written. ``lengths (B,)``: how many
+    of the ``T`` tokens are real in each row (right padding, default all); ``pos`` advances by
+    it, so padding slots are overwritten by the next tokens."""
+    return _common.apply_cached(_forward, params, tokens, cfg, cache, lengths)
+
+
+def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, rng):
+    policy = cfg.policy
+    p = policy.cast_to_compute(params)
+    rate = cfg.dropout if train else 0.0
+    keys = iter(_common.dropout_keys(rng, rate, 1 + 3 * cfg.n_layer))
+    eps = cfg.layer_norm_eps
+    x = nn.dropout(nn.embed(p["wte"], tokens) + nn.embed(p["wpe"], positions), rate, next(keys))
+    kvs = []
+    for i, blk in enumerate(p["blocks"]):
+        h, kv = nn.self_attention(
+            blk["attn"], nn.layer_norm(blk["ln_1"], x, eps=eps), n_head=cfg.n_head,
+            n_kv_head=cfg.n_head, mask=mask, is_causal=is_causal, dropout_rate=rate,
+            dropout_rng=next(keys), **_common.layer_cache(cache, i))
+        x = x + nn.dropout(h, rate, next(keys))
+        x = x + nn.dropout(nn.gelu_mlp(blk["mlp"], nn.layer_norm(blk["ln_2"], x, eps=eps)), rate,
+                           next(keys))
+        kvs.append(kv)
+    x = nn.layer_norm(p["ln_f"], x, eps=eps)
+    return policy.cast_to_output(nn.unembed(p["wte"], x)), kvs
+
+
+def config_from_hf(hf_cfg, **overrides) -> Config:
+    """Our ``Config`` for a Hugging Face ``GPT2Config`` (``overrides`` e.g. dtypes)."""
+    if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"from_hf: activation_function={hf_cfg.activation_function!r} is not "
+                         f"supported (GPT-2 uses the tanh GELU, 'gelu_new')")
+    if hf_cfg.n_inner not in (None, 4 * hf_cfg.n_embd):
+        raise ValueError(f"from_hf: n_inner={hf_cfg.n_inner} is not supported (only 4 * n_embd)")
+    if hf_cfg.scale_attn_by_inverse_layer_idx or not hf_cfg.scale_attn_weights:
+        raise ValueError("from_hf: only the standard 1/sqrt(head_dim) attention scaling is "
+                         "supported")
+    return Config(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head,
+                  n_embd=hf_cfg.n_embd, block_size=hf_cfg.n_positions,
+                  dropout=hf_cfg.resid_pdrop, layer_norm_eps=hf_cfg.layer_norm_epsilon,
+                  init_std=hf_cfg.initializer_range, **overrides)
+
+
+def from_hf(model_or_state_dict, config=None, **overrides) -> tuple[dict, Config]:
+    """``(params, cfg)`` from a Hugging Face ``GPT2LMHeadModel`` / ``GPT2Model`` or its state
+    dict (then ``config``: a ``GPT2Config`` or our ``Config``). Raises naming any missing or
+    misshapen tensor. ``overrides`` set ``Config`` fields such as ``param_dtype``."""
+    cfg = resolve_config(model_or_state_dict, config, Config, config_from_hf, overrides)
+    t = HFTensors(model_or_state_dict, "transformer.", cfg.policy.param_dtype)
+    d = cfg.n_embd
+
+    blocks = [{"ln_1": t.layer_norm(f"h.{i}.ln_1", d),
+               "attn": {"qkv": t.linear(f"h.{i}.attn.c_attn", d, 3 * d, conv1d=True),
+                        "out": t.linear(f"h.{i}.attn.c_proj", d, d, conv1d=True)},
+               "ln_2": t.layer_norm(f"h.{i}.ln_2", d),
+               "mlp": {"fc": t.linear(f"h.{i}.mlp.c_fc", d, 4 * d, conv1d=True),
+                       "proj": t.linear(f"h.{i}.mlp.c_proj", 4 * d, d, conv1d=True)}}
+              for i in range(cfg.n_layer)]
+    params = {"wte": t.get("wte.weight", (cfg.vocab_size, d)),
+              "wpe": t.get("wpe.weight", (cfg.block_size, d)),
+              "blocks": blocks, "ln_f": t.layer_norm("ln_f", d)}
+    return params, cfg

@@ -1,0 +1,38 @@
+"""Dense layers and embeddings. Weights are stored ``(in, out)`` so ``apply`` is ``x @ w``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def linear_init(key, d_in: int, d_out: int, *, bias: bool = True, std: float = 0.02,
+                dtype=jnp.float32) -> dict:
+    """``{"w": (d_in, d_out)[, "b": (d_out,)]}``: weight Normal(0, std), bias zeros."""
+    params = {"w": jax.nn.initializers.normal(std)(key, (d_in, d_out), dtype)}
+    if bias:
+        params["b"] = jnp.zeros((d_out,), dtype)
+    return params
+
+
+def linear(params: dict, x: jax.Array) -> jax.Array:
+    """``x @ w (+ b)`` over the last axis of ``x``."""
+    y = x @ params["w"]
+    return y + params["b"] if "b" in params else y
+
+
+def embedding_init(key, num: int, dim: int, *, std: float = 0.02, dtype=jnp.float32) -> jax.Array:
+    """A ``(num, dim)`` table, Normal(0, std)."""
+    return jax.nn.initializers.normal(std)(key, (num, dim), dtype)
+
+
+def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of ``table`` for integer ``ids`` of any shape: ``ids.shape + (dim,)``."""
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+    return jnp.take(table, ids, axis=0)
+
+
+def unembed(table: jax.Array, x: jax.Array) -> jax.Array:
+    """Logits against a (tied) embedding table: ``x @ table.T``."""
+    return x @ table.T

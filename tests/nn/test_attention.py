@@ -1,0 +1,75 @@
+"""The self-attention layer and the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformax import nn
+from transformax.nn import kv_cache
+
+X = jax.random.normal(jax.random.key(0), (2, 6, 32))
+PARAMS = nn.attention_init(jax.random.key(1), 32, 4, 2, 8)  # GQA: 4 query heads, 2 kv heads
+
+
+def reference(params, x, n_head, n_kv):
+    """Plain-JAX causal GQA attention (repeated kv heads, materialised scores)."""
+    b, t, _ = x.shape
+    qkv = x @ params["qkv"]["w"] + params["qkv"]["b"]
+    q, k, v = jnp.split(qkv, [n_head * 8, (n_head + n_kv) * 8], -1)
+    q = q.reshape(b, t, n_head, 8)
+    k, v = (jnp.repeat(a.reshape(b, t, n_kv, 8), n_head // n_kv, axis=2) for a in (k, v))
+    s = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(8)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    y = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(s, -1), v).reshape(b, t, n_head * 8)
+    return y @ params["out"]["w"] + params["out"]["b"]
+
+
+@jax.jit
+def attend(x, mask=None, cache=None, pos=None):
+    return nn.self_attention(PARAMS, x, n_head=4, n_kv_head=2, mask=mask, is_causal=mask is None,
+                             cache=cache, cache_pos=pos)
+
+
+def test_self_attention_gqa_matches_reference():
+    y, cache = attend(X)
+    assert cache is None
+    np.testing.assert_allclose(y, reference(PARAMS, X, 4, 2), atol=1e-5)
+
+
+def test_cache_write_and_mask():
+    cache = nn.init_cache(1, 2, 2, 8, 4)
+    assert cache.max_len == 8 and cache.keys[0].shape == (2, 2, 8, 4)
+    new = jnp.ones((2, 2, 3, 4))
+    buf = kv_cache.write(cache.keys[0], new, jnp.array([0, 4]))
+    np.testing.assert_array_equal(buf[:, 0, :, 0], [[1, 1, 1, 0, 0, 0, 0, 0],
+                                                    [0, 0, 0, 0, 1, 1, 1, 0]])
+    mask = nn.cache_mask(jnp.array([0, 4]), 2, 8)
+    assert mask.shape == (2, 1, 2, 8)
+    np.testing.assert_array_equal(mask[1, 0], [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((2, 8)), 0))
+
+
+def test_cached_self_attention_matches_full():
+    buf = nn.init_cache(1, 2, 2, 8, 8)
+    cache, pos = (buf.keys[0], buf.values[0]), buf.pos
+    steps = []
+    for lo, hi in ((0, 5), (5, 6)):
+        y, cache = attend(X[:, lo:hi], nn.cache_mask(pos, hi - lo, 8), cache, pos)
+        pos = pos + (hi - lo)
+        steps.append(y)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), reference(PARAMS, X, 4, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("self_attention", lambda x: nn.self_attention(PARAMS, x, n_head=4, n_kv_head=2,
+                                                   is_causal=True)[0]),
+    ("cached", lambda x: nn.self_attention(
+        PARAMS, x, n_head=4, n_kv_head=2, mask=nn.cache_mask(jnp.array([0, 2]), 6, 8),
+        cache=(jnp.zeros((2, 2, 8, 8)),) * 2, cache_pos=jnp.array([0, 2]))[1][0]),
+    ("init", lambda x: nn.init_cache(2, 2, 2, 8, 4).keys[1] + x.sum()),
+])
+def test_jit_parity(name, fn):
+    with jax.disable_jit():
+        eager = fn(X)
+    np.testing.assert_allclose(jax.jit(fn)(X), eager, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,180 @@
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformax import generate
+from transformax.models import gpt, llama
+
+apply = jax.jit(lambda module, params, tokens, cfg: module.apply(params, tokens, cfg),
+                static_argnums=(0, 3))
+apply_cached = jax.jit(lambda module, *args, **kw: module.apply_cached(*args, **kw),
+                       static_argnums=(0, 3))
+GPT = gpt.Config(vocab_size=96, n_layer=2, n_head=4, n_embd=32, block_size=32, dropout=0.1)
+LLAMA = llama.Config(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, dim=32, hidden_dim=64,
+                     max_seq_len=32)
+MODELS = {"gpt": (gpt, GPT), "llama": (llama, LLAMA)}
+LENGTHS = np.array([8, 3], np.int32)
+
+
+@functools.cache
+def built(name):
+    module, cfg = MODELS[name]
+    return module, jax.jit(module.init, static_argnums=1)(jax.random.key(0), cfg), cfg
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request):
+    return built(request.param)
+
+
+@pytest.fixture
+def gpt_model():
+    """For the sampling / end-of-sequence logic, which does not depend on the model."""
+    return built("gpt")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Two right-padded prompts (lengths 8 and 3); the padding is random tokens on purpose."""
+    return np.random.RandomState(1).randint(0, 96, (2, 8)).astype(np.int32)
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(model, prompts):
+    module, params, cfg = model
+    batched = generate.generate(module, params, cfg, prompts, lengths=LENGTHS, max_new_tokens=6,
+                                temperature=0)
+    for row, n in enumerate(LENGTHS):  # each prompt alone (one compiled shape for both)
+        alone = generate.generate(module, params, cfg, prompts[row:row + 1], lengths=[n],
+                                  max_new_tokens=6, temperature=0)
+        np.testing.assert_array_equal(batched[row], alone[0])
+
+
+def test_padded_prefill_then_decode_matches_full_sequence(model, prompts):
+    """Cached logits of right-padded rows equal the full-sequence logits of each row."""
+    module, params, cfg = model
+    nxt = np.array([[5], [7]], np.int32)
+    cache = module.init_cache(cfg, 2, 32)
+    prefill, cache = apply_cached(module, params, prompts, cfg, cache, lengths=LENGTHS)
+    step, cache = apply_cached(module, params, nxt, cfg, cache)
+    np.testing.assert_array_equal(cache.pos, LENGTHS + 1)
+    for row, n in enumerate(LENGTHS):
+        full = apply(module, params, np.concatenate([prompts[row:row + 1, :n], nxt[row:row + 1]], 1),
+                     cfg)
+        np.testing.assert_allclose(prefill[row, :n], full[0, :n], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(step[row, 0], full[0, n], atol=1e-5, rtol=1e-5)
+
+
+def test_seed_determinism(gpt_model, prompts):
+    module, params, cfg = gpt_model
+    kwargs = dict(lengths=LENGTHS, max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9)
+    a = generate.generate(module, params, cfg, prompts, rng=jax.random.key(0), **kwargs)
+    np.testing.assert_array_equal(
+        a, generate.generate(module, params, cfg, prompts, rng=jax.random.key(0), **kwargs))
+    assert not np.array_equal(
+        a, generate.generate(module, params, cfg, prompts, rng=jax.random.key(1), **kwargs))
+
+
+def test_jit_parity(model, prompts):
+    """``generate`` and, inside it, the model's ``init_cache`` / ``apply_cached``."""
+    module, params, cfg = model
+    kwargs = dict(lengths=LENGTHS, max_new_tokens=6, temperature=0)
+    jitted = generate.generate(module, params, cfg, prompts, **kwargs)
+    with jax.disable_jit():
+        eager = generate.generate(module, params, cfg, prompts, **kwargs)
+    np.testing.assert_array_equal(jitted, eager)
+
+
+def test_eos_pads_and_stops(gpt_model, prompts):
+    module, params, cfg = gpt_model
+    greedy = np.asarray(generate.generate(module, params, cfg, prompts, lengths=LENGTHS,
+                                          max_new_tokens=6, temperature=0))
+    eos = int(greedy[0, 1])
+    out = np.asarray(generate.generate(module, params, cfg, prompts, lengths=LENGTHS,
+                                       max_new_tokens=6, temperature=0, eos_id=eos, pad_id=-1))
+    for row in range(2):
+        hits = np.flatnonzero(greedy[row] == eos)
+        end = hits[0] + 1 if hits.size else 6
+        np.testing.assert_array_equal(out[row, :end], greedy[row, :end])
+        assert (out[row, end:] == -1).all()
+
+
+LOGITS = jnp.asarray(np.random.RandomState(2).randn(4, 96).astype(np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=1.0, top_k=1),
+                                    dict(temperature=1.0, top_p=1e-6)])
+def test_sample_greedy_limits(kwargs):
+    out = generate.sample(LOGITS, jax.random.key(0), **kwargs)
+    np.testing.assert_array_equal(out, jnp.argmax(LOGITS, -1))
+
+
+def test_sample_support_and_jit_parity():
+    keys = jax.random.split(jax.random.key(0), 200)
+    draw = jax.jit(jax.vmap(lambda k: generate.sample(LOGITS, k, temperature=1.5, top_k=5)))
+    top5 = np.argsort(-np.asarray(LOGITS), -1)[:, :5]
+    samples = np.asarray(draw(keys))
+    assert all(set(samples[:, r]) <= set(top5[r]) for r in range(4))
+    assert all(len(set(samples[:, r])) > 1 for r in range(4))
+    probs = np.asarray(jax.nn.softmax(LOGITS, -1))
+    order = np.argsort(-probs, -1)
+    nucleus = [set(order[r, :np.searchsorted(np.cumsum(probs[r, order[r]]), 0.5) + 1])
+               for r in range(4)]
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: generate.sample(LOGITS, k, top_p=0.5)))(keys))
+    assert all(set(samples[:, r]) <= nucleus[r] for r in range(4))
+    with jax.disable_jit():
+        eager = generate.sample(LOGITS, keys[0], temperature=0.7, top_k=10, top_p=0.8)
+    np.testing.assert_array_equal(
+        jax.jit(lambda k: generate.sample(LOGITS, k, temperature=0.7, top_k=10, top_p=0.8))(keys[0]),
+        eager)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(temperature=0.5), ValueError, "sampling with temperature=0.5 needs rng="),
+    (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+    (dict(temperature=0, top_k=0), ValueError, "top_k must be >= 1, got 0"),
+    (dict(temperature=0, top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(temperature=0, lengths=[8, 0]), ValueError, r"lengths must be \(2,\) with values in \[1, 8\]"),
+    (dict(temperature=0, max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
+    (dict(temperature=0, max_new_tokens=25), ValueError, "max_len=33 exceeds the model's block_size=32"),
+])
+def test_generate_errors(gpt_model, prompts, kwargs, error, message):
+    module, params, cfg = gpt_model
+    with pytest.raises(error, match=message):
+        generate.generate(module, params, cfg, prompts, **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match=r"prompts must be an integer \(B, T\) array"):
+        generate.generate(module, params, cfg, prompts[0], max_new_tokens=4, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """``scripts/generate.py`` as a module."""
+    path = Path(__file__).parents[1] / "scripts" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_on_hugging_face_folder(cli, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=95,
+        eos_token_id=95))
+    model.save_pretrained(tmp_path)
+    params, cfg = gpt.from_hf(model)
+    assert cfg == GPT  # so the compiled generate of the tests above is reused
+    ids = list(range(1, 9))
+    assert cli.main([str(tmp_path), "--ids", *map(str, ids), "--max-new-tokens", "6",
+                     "--temperature", "0"]) == 0
+    expected = generate.generate(gpt, params, cfg, np.array([ids]), max_new_tokens=6,
+                                 temperature=0, eos_id=95, pad_id=-1)
+    assert capsys.readouterr().out.split() == [str(i) for i in np.asarray(expected)[0] if i >= 0]
+    assert cli.main([str(tmp_path), "--prompt", "hi"]) == 1
+    assert "has no tokenizer: pass the prompt as --ids" in capsys.readouterr().err
