@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+import torch
 from torch_reference import torch_sdpa
 
 import transformax as tfx
@@ -174,3 +175,21 @@ def test_empty_key_or_query_sequences():
     grad = jax.grad(lambda q: jnp.sum(tfx.sdpa(q, empty, empty)))(q)
     np.testing.assert_array_equal(grad, 0)
     assert tfx.sdpa(empty, q, q).shape == (2, 3, 0, 8)
+
+
+def test_float64_accumulates_in_float64():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 30, 8)) for _ in range(3))
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+    want.sum().backward()
+    with jax.enable_x64(True):
+        for kernel in KERNELS:
+            with tfx.sdpa_kernel([kernel]):
+                out, grads = jax.value_and_grad(
+                    lambda *a: jnp.sum(tfx.sdpa(*a, is_causal=True)), argnums=(0, 1, 2))(
+                    *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+            assert out.dtype == jnp.float64
+            np.testing.assert_allclose(out, want.sum().item(), rtol=1e-12)
+            for got, t in zip(grads, (tq, tk, tv)):
+                np.testing.assert_allclose(got, t.grad.numpy(), atol=1e-12)

@@ -153,7 +153,7 @@ class _Call:
         p = self.problem
         if self.is_empty:  # no keys (or no queries): every row attends to nothing, as in torch
             out = jnp.zeros((p.batch, p.q_heads, p.q_len, p.v_head_dim), self.q.dtype)
-            lse = jnp.full(out.shape[:-1], -jnp.inf, jnp.float32)
+            lse = jnp.full(out.shape[:-1], -jnp.inf, p.acc_dtype)
         else:
             out, lse = attention(p, plan, self.q, self.k, self.v, self.mask, self.seed)
         out = out.reshape(*self.batch_shape, self.q_len, out.shape[-1])

@@ -77,7 +77,7 @@ def _forward_abstract(*args, problem, plan):
     q = args[0]
     rows = (problem.batch, problem.q_heads, problem.q_len)
     return (jax.core.ShapedArray((*rows, problem.v_head_dim), q.dtype),
-            jax.core.ShapedArray(rows, jnp.float32))
+            jax.core.ShapedArray(rows, problem.acc_dtype))
 
 
 def _backward_abstract(*args, problem, plan):

@@ -33,6 +33,11 @@ class Problem:
     dropout_p: float = 0.0
 
     @property
+    def acc_dtype(self) -> np.dtype:
+        """Scores, softmax statistics and accumulators: f32, or f64 for f64 inputs."""
+        return np.dtype(jnp.promote_types(self.dtype, jnp.float32))
+
+    @property
     def groups(self) -> int:
         return self.q_heads // self.kv_heads
 
@@ -70,7 +75,7 @@ def mask_scores(problem: Problem, scores, rows, cols, mask_tile=None):
         if problem.mask_is_bool:
             scores = jnp.where(mask_tile, scores, -jnp.inf)
         else:
-            scores = scores + mask_tile.astype(jnp.float32)
+            scores = scores + mask_tile.astype(scores.dtype)
     if problem.causal_offset is not None:
         scores = jnp.where(cols <= rows + problem.causal_offset, scores, -jnp.inf)
     return scores
@@ -83,8 +88,9 @@ def finite_or_zero(row_max):
 
 
 def row_delta(out, dout, dlse):
-    """``rowsum(dout * out) - dlse`` in f32: the backward pass's per-row correction."""
-    return jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+    """``rowsum(dout * out) - dlse`` in (at least) f32: the backward pass's per-row correction."""
+    acc = jnp.promote_types(out.dtype, jnp.float32)
+    return jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
 
 
 def cdiv(a: int, b: int) -> int:

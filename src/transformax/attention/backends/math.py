@@ -20,10 +20,11 @@ def _grouped(problem: Problem, x):
 
 
 def probabilities(problem: Problem, q, k, mask, seed):
-    """Returns the f32 probabilities ``(B, Hk, G, L, S)`` after dropout, and the LSE."""
+    """Returns the probabilities (in ``problem.acc_dtype``) ``(B, Hk, G, L, S)`` after dropout, and the LSE."""
     qg = _grouped(problem, q)
-    scores = jnp.einsum("bhgle,bhse->bhgls", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(problem.scale)
+    acc = problem.acc_dtype
+    scores = jnp.einsum("bhgle,bhse->bhgls", qg, k, preferred_element_type=acc)
+    scores = scores * jnp.asarray(problem.scale, acc)
     rows = jnp.arange(problem.q_len)[:, None]
     cols = jnp.arange(problem.kv_len)[None, :]
     mask_tile = None if mask is None else _grouped(problem, mask)
@@ -46,7 +47,7 @@ def probabilities(problem: Problem, q, k, mask, seed):
 def _forward_grouped(problem: Problem, q, k, v, mask, seed):
     probs, lse = probabilities(problem, q, k, mask, seed)
     out = jnp.einsum("bhgls,bhsd->bhgld", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=problem.acc_dtype)
     shape = (problem.batch, problem.q_heads, problem.q_len)
     return out.astype(q.dtype).reshape(*shape, problem.v_head_dim), lse.reshape(shape)
 

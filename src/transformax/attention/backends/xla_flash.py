@@ -51,6 +51,8 @@ class _Tiling:
     def __init__(self, problem: Problem, backward: bool):
         p = self.p = problem
         self.bq, self.bk = block_sizes(problem, backward)
+        # q is scaled once up front where that costs no precision (f32/f64); else the scores.
+        self.prescaled = p.dtype == p.acc_dtype
         self.nq, self.nk = cdiv(p.q_len, self.bq), cdiv(p.kv_len, self.bk)
         self.rows_per_block = p.groups * self.bq
         ragged = p.kv_len % self.bk != 0
@@ -111,9 +113,9 @@ class _Tiling:
         dropout keep-mask (or None)."""
         p = self.p
         k_tile = lax.dynamic_slice_in_dim(k, j * self.bk, self.bk, axis=2)
-        s = jnp.einsum("bhqe,bhke->bhqk", q_block, k_tile, preferred_element_type=jnp.float32)
-        if p.dtype != jnp.float32:
-            s = s * jnp.float32(p.scale)
+        s = jnp.einsum("bhqe,bhke->bhqk", q_block, k_tile, preferred_element_type=p.acc_dtype)
+        if not self.prescaled:
+            s = s * jnp.asarray(p.scale, p.acc_dtype)
         rows, cols = self.positions(i, j)
         if masked:
             s = mask_scores(p, s, rows, cols, None if mask is None else self.mask_tile(mask, i, j))
@@ -138,8 +140,8 @@ class _Tiling:
 
     def prepare(self, q, k, v, mask):
         """Blocks, pads and (for f32) pre-scales the operands once for the tile loops."""
-        if self.p.dtype == jnp.float32:
-            q = q * jnp.float32(self.p.scale)
+        if self.prescaled:
+            q = q * jnp.asarray(self.p.scale, q.dtype)
         return self.q_blocks(q), self.kv(k), self.kv(v), self.dense_mask(mask)
 
 
@@ -147,14 +149,14 @@ def forward(problem: Problem, q, k, v, mask, seed):
     t = _Tiling(problem, backward=False)
     p = problem
     q_blocks, k, v, mask = t.prepare(q, k, v, mask)
-    rows_shape = (p.batch, p.kv_heads, t.rows_per_block)
+    rows_shape, acc = (p.batch, p.kv_heads, t.rows_per_block), p.acc_dtype
 
     def one_q_block(args):
         i, q_block = args
 
         def step(masked):
             def body(j, carry):
-                row_max, total, acc = carry
+                row_max, total, weighted = carry
                 s, keep = t.scores(q_block, k, mask, seed, i, j, masked)
                 new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
                 safe_max = finite_or_zero(new_max)
@@ -165,18 +167,18 @@ def forward(problem: Problem, q, k, v, mask, seed):
                     weights = jnp.where(keep, weights, 0.0)
                 v_tile = lax.dynamic_slice_in_dim(v, j * t.bk, t.bk, axis=2)
                 pv = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v_tile,
-                                preferred_element_type=jnp.float32)
-                return new_max, total, acc * correction[..., None] + pv
+                                preferred_element_type=acc)
+                return new_max, total, weighted * correction[..., None] + pv
             return body
 
-        init = (jnp.full(rows_shape, -jnp.inf, jnp.float32), jnp.zeros(rows_shape, jnp.float32),
-                jnp.zeros((*rows_shape, p.v_head_dim), jnp.float32))
+        init = (jnp.full(rows_shape, -jnp.inf, acc), jnp.zeros(rows_shape, acc),
+                jnp.zeros((*rows_shape, p.v_head_dim), acc))
         unmasked, visible = jnp.array(t.unmasked)[i], jnp.array(t.visible)[i]
         carry = lax.fori_loop(0, unmasked, step(False), init)
-        row_max, total, acc = lax.fori_loop(unmasked, visible, step(True), carry)
+        row_max, total, weighted = lax.fori_loop(unmasked, visible, step(True), carry)
         seen = total > 0
         safe_total = jnp.where(seen, total, 1.0)
-        out = acc / safe_total[..., None]
+        out = weighted / safe_total[..., None]
         if p.has_dropout:
             out = out / (1.0 - p.dropout_p)
         lse = jnp.where(seen, finite_or_zero(row_max) + jnp.log(safe_total), -jnp.inf)
@@ -188,7 +190,7 @@ def forward(problem: Problem, q, k, v, mask, seed):
 
 def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
     t = _Tiling(problem, backward=True)
-    p = problem
+    p, acc = problem, problem.acc_dtype
     delta = row_delta(out, dout, dlse)
     q_blocks, k, v, mask = t.prepare(q, k, v, mask)
     dout_blocks = t.q_blocks(dout)
@@ -211,34 +213,34 @@ def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
                 s, keep = t.scores(q_block, k, mask, seed, i, j, masked)
                 probs = jnp.exp(s - lse_blocks[i][..., None])
                 dp = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_tile,
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=acc)
                 dropped = probs
                 if keep is not None:
                     inv_keep = 1.0 / (1.0 - p.dropout_p)
                     dropped = jnp.where(keep, probs * inv_keep, 0.0)
                     dp = jnp.where(keep, dp * inv_keep, 0.0)
                 dv = dv + jnp.einsum("bhqk,bhqd->bhkd", dropped.astype(do_block.dtype), do_block,
-                                     preferred_element_type=jnp.float32)
+                                     preferred_element_type=acc)
                 ds = (probs * (dp - delta_blocks[i][..., None])).astype(q_block.dtype)
                 dk = dk + jnp.einsum("bhqk,bhqe->bhke", ds, q_block,
-                                     preferred_element_type=jnp.float32)
+                                     preferred_element_type=acc)
                 dq = dq.at[i].add(jnp.einsum("bhqk,bhke->bhqe", ds, k_tile,
-                                             preferred_element_type=jnp.float32))
+                                             preferred_element_type=acc))
                 return dq, dk, dv
             return body
 
-        init = (dq, jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros(v_tile.shape, jnp.float32))
+        init = (dq, jnp.zeros(k_tile.shape, acc), jnp.zeros(v_tile.shape, acc))
         carry = lax.fori_loop(first_j, split_j, step(True), init)
         dq, dk, dv = lax.fori_loop(split_j, t.nq, step(False), carry)
         return dq, (dk, dv)
 
-    dq0 = jnp.zeros((*q_blocks.shape[:-1], p.head_dim), jnp.float32)
+    dq0 = jnp.zeros((*q_blocks.shape[:-1], p.head_dim), acc)
     dq, (dk, dv) = lax.scan(one_k_block, dq0, (jnp.arange(t.nk), jnp.array(first, jnp.int32),
                                                jnp.array(split, jnp.int32)))
-    # ds is the gradient of the scaled scores; q was pre-scaled for f32 only.
-    dq = t.unblock(dq, p.head_dim) * jnp.float32(p.scale)
-    if p.dtype != jnp.float32:
-        dk = dk * jnp.float32(p.scale)
+    # ds is the gradient of the scaled scores.
+    dq = t.unblock(dq, p.head_dim) * jnp.asarray(p.scale, acc)
+    if not t.prescaled:
+        dk = dk * jnp.asarray(p.scale, acc)
 
     def unblock_kv(x):
         x = jnp.moveaxis(x, 0, 2).reshape(p.batch, p.kv_heads, t.nk * t.bk, x.shape[-1])
