@@ -1,0 +1,147 @@
+"""Training data: token streams and batches that are a pure function of ``(seed, step)``.
+
+Sources (``data.source``): ``stdlib``, the bytes of the running Python's standard library
+``.py`` files (embedded, nothing to download); ``text``, the bytes of the files a path, folder or
+glob names; ``bin``, nanoGPT-style ``train.bin`` / ``val.bin`` token files (memory-mapped).
+Byte sources are concatenated in a fixed file order and their tail is held out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from transformax.train.config import DataConfig
+
+TRAIN, EVAL = 0, 1  # the two random streams: training batches, held-out batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Token streams (1-D arrays) and their vocabulary; ``is_bytes``: tokens are UTF-8 bytes."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    is_bytes: bool
+
+    def split(self, stream: int) -> np.ndarray:
+        return self.train if stream == TRAIN else self.val
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The token streams ``cfg`` describes; raises ``ValueError`` naming the path if unusable."""
+    if cfg.source == "bin":
+        corpus = _bin_corpus(Path(cfg.path), np.dtype(cfg.dtype), cfg.vocab_size)
+    else:
+        files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
+        data = _read_bytes(tuple(files))
+        n_val = max(1, int(len(data) * cfg.val_fraction))
+        corpus = Corpus(data[:-n_val], data[-n_val:], 256, True)
+    for name, split in (("training", corpus.train), ("held-out", corpus.val)):
+        if len(split) <= cfg.seq_len + 1:
+            raise ValueError(f"data.path={cfg.path!r}: the {name} split has {len(split)} tokens, "
+                             f"too few for data.seq_len={cfg.seq_len}")
+    return corpus
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files (no site-packages), ordered by the CRC32 of their
+    relative path: deterministic, and mixed across packages so the held-out tail is a fair
+    sample."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: (zlib.crc32(str(p.relative_to(root)).encode()), str(p)))
+
+
+def text_files(pattern: str) -> list[Path]:
+    """The files a path names: a file, every file under a folder, or a glob; sorted."""
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+    else:
+        files = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if not files:
+        raise ValueError(f"data.path={pattern!r}: no files there")
+    return sorted(files)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_bytes(files: tuple[Path, ...]) -> np.ndarray:
+    data = np.frombuffer(b"\n\n".join(p.read_bytes() for p in files), np.uint8)
+    data.flags.writeable = False
+    return data
+
+
+def _bin_corpus(folder: Path, dtype: np.dtype, vocab_size: int) -> Corpus:
+    splits = []
+    for name in ("train.bin", "val.bin"):
+        if not (folder / name).is_file():
+            raise ValueError(f"data.path={str(folder)!r}: expected {name} there (nanoGPT layout)")
+        splits.append(np.memmap(folder / name, dtype=dtype, mode="r"))
+    return Corpus(*splits, vocab_size, False)
+
+
+def _rng(seed: int, stream: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, step])
+
+
+def _windows(tokens: np.ndarray, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+    starts = rng.integers(0, len(tokens) - length, size=n)
+    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
+def lm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tuple[int, int],
+             seq_len: int) -> dict:
+    """Next-token batch: ``inputs`` and ``targets`` (shifted by one), int32 of
+    ``shape + (seq_len,)`` where ``shape = (micro_batches, micro_batch_size)``."""
+    w = _windows(tokens, _rng(seed, stream, step), shape[0] * shape[1], seq_len + 1)
+    w = w.reshape(*shape, seq_len + 1)
+    return {"inputs": w[..., :-1], "targets": w[..., 1:]}
+
+
+def mlm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tuple[int, int],
+              seq_len: int, vocab_size: int, mask_id: int, probability: float) -> dict:
+    """Masked-LM batch (BERT): of the ``probability`` share of positions chosen, 80% become
+    ``mask_id``, 10% a random token below ``vocab_size``, 10% stay. ``targets`` are the original
+    tokens, ``weights`` 1.0 at the chosen positions."""
+    rng = _rng(seed, stream, step)
+    targets = _windows(tokens, rng, shape[0] * shape[1], seq_len).reshape(*shape, seq_len)
+    chosen = rng.random(targets.shape) < probability
+    action = rng.random(targets.shape)
+    inputs = np.where(chosen & (action < 0.8), mask_id, targets)
+    random_tokens = rng.integers(0, vocab_size, targets.shape, dtype=np.int32)
+    inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
+    return {"inputs": inputs.astype(np.int32), "targets": targets,
+            "weights": chosen.astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """``batches(step, stream)``: the batch for a training step (``TRAIN``) or the ``step``-th
+    held-out batch (``EVAL``), shaped ``(grad_accum, batch_size // grad_accum, seq_len)``."""
+
+    corpus: Corpus
+    seed: int
+    shape: tuple[int, int]
+    seq_len: int
+    mlm_probability: float | None = None  # set: masked-LM batches with [MASK] = vocab_size
+
+    def __call__(self, step: int, stream: int = TRAIN) -> dict:
+        tokens = self.corpus.split(stream)
+        if self.mlm_probability is None:
+            return lm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
+                            seq_len=self.seq_len)
+        return mlm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
+                         seq_len=self.seq_len, vocab_size=self.corpus.vocab_size,
+                         mask_id=self.corpus.vocab_size, probability=self.mlm_probability)

@@ -1,0 +1,72 @@
+"""Scaling out: several processes, a device mesh, and where params, optimizer state and batches
+live.
+
+Mesh axes ``data``, ``fsdp``, ``tensor``. Batches are split over ``data`` x ``fsdp``; every
+parameter (and its optimizer moments) of two or more dimensions is split FSDP-style over
+``fsdp`` along its largest divisible dimension; with ``tensor > 1``, in-projections are split by
+output column and out-projections by input row over ``tensor``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from transformax.train.config import MESH_AXES, MeshConfig, mesh_shape
+from transformax.train.optim import param_path
+
+BATCH_AXES = ("data", "fsdp")
+IN_PROJECTIONS = ("qkv", "fc", "gate_up")
+OUT_PROJECTIONS = ("out", "proj", "down")
+
+
+def initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` when the environment describes several processes
+    (``JAX_COORDINATOR_ADDRESS``, or SLURM / Open MPI with more than one task)."""
+    several = ("JAX_COORDINATOR_ADDRESS" in os.environ
+               or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+               or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if several and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    return several
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches ``(micro_batches, batch, seq)``: the batch axis over ``data`` x ``fsdp``."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Where one parameter (or optimizer moment) of ``shape`` at ``path`` lives."""
+    spec: list = [None] * len(shape)
+    if len(shape) < 2:
+        return P()
+    names = path.split("/")
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    if tensor > 1 and len(names) >= 2 and names[-1] == "w":
+        dim = -1 if names[-2] in IN_PROJECTIONS else 0 if names[-2] in OUT_PROJECTIONS else None
+        if dim is not None and shape[dim] % tensor == 0:
+            spec[dim] = "tensor"
+    if fsdp > 1:
+        free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda d: shape[d])] = "fsdp"
+    return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """A ``NamedSharding`` per leaf of a params / optimizer-state / train-state pytree; leaves
+    whose path ends like a parameter's get that parameter's placement."""
+    def one(path, x):
+        return NamedSharding(mesh, param_spec(param_path(path), tuple(x.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
