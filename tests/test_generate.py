@@ -1,13 +1,11 @@
 import functools
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformax import generate
+from transformax import cli, generate
 from transformax.models import gpt, llama
 
 apply = jax.jit(lambda module, params, tokens, cfg: module.apply(params, tokens, cfg),
@@ -150,17 +148,7 @@ def test_generate_errors(gpt_model, prompts, kwargs, error, message):
         generate.generate(module, params, cfg, prompts[0], max_new_tokens=4, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def cli():
-    """``scripts/generate.py`` as a module."""
-    path = Path(__file__).parents[1] / "scripts" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_on_hugging_face_folder(cli, tmp_path, capsys):
+def test_command_on_hugging_face_folder(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -171,10 +159,10 @@ def test_script_on_hugging_face_folder(cli, tmp_path, capsys):
     params, cfg = gpt.from_hf(model)
     assert cfg == GPT  # so the compiled generate of the tests above is reused
     ids = list(range(1, 9))
-    assert cli.main([str(tmp_path), "--ids", *map(str, ids), "--max-new-tokens", "6",
+    assert cli.generate_main([str(tmp_path), "--ids", *map(str, ids), "--max-new-tokens", "6",
                      "--temperature", "0"]) == 0
     expected = generate.generate(gpt, params, cfg, np.array([ids]), max_new_tokens=6,
                                  temperature=0, eos_id=95, pad_id=-1)
     assert capsys.readouterr().out.split() == [str(i) for i in np.asarray(expected)[0] if i >= 0]
-    assert cli.main([str(tmp_path), "--prompt", "hi"]) == 1
+    assert cli.generate_main([str(tmp_path), "--prompt", "hi"]) == 1
     assert "has no tokenizer: pass the prompt as --ids" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # glibc's malloc backs its memory with transparent huge pages: XLA:CPU's per-step buffers then
 # cost ~1k page faults per train step instead of ~300k (a fifth of the step in kernel time).
@@ -54,37 +55,81 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _load_generator(path: Path):
+    """``(module, params, cfg, tokenizer, eos_id)``; ``tokenizer`` is ``None`` for a Hugging Face
+    folder without one and ``"bytes"`` for a byte-level training run."""
+    if (path / "config.yaml").exists():
+        from transformax import train
+
+        run_cfg, state = train.load_run(path)
+        if not run_cfg.task.decoder:
+            raise ValueError(f"model.arch={run_cfg.model.arch!r} does not generate text")
+        return run_cfg.task.module, state.params, run_cfg.model_config, "bytes", None
+    import transformers
+
+    from transformax import models
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    module, params, cfg = models.from_hf(hf_model)
+    has_tokenizer = any((path / f).exists() for f in TOKENIZER_FILES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    eos = hf_model.generation_config.eos_token_id
+    return module, params, cfg, tokenizer, eos[0] if isinstance(eos, list) else eos
+
+
 def generate_main(argv: list[str] | None = None) -> int:
-    """``transformax-generate RUN_DIR [--prompt TEXT] ...``: sample from a trained run."""
+    """``transformax-generate PATH [--prompt TEXT | --ids ...]``: sample from a training run's
+    folder (byte-level) or a Hugging Face model folder on disk (GPT-2 or Llama; its tokenizer
+    when the folder has one, else ``--ids`` in and ids out). Nothing is downloaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(
-        prog="transformax-generate", description="Sample text from a trained run's checkpoint.")
-    parser.add_argument("run_dir", help="a run folder written by transformax-train")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+        prog="transformax-generate",
+        description="Generate text from a transformax-train run or a Hugging Face model folder.")
+    parser.add_argument("path", type=Path, help="a transformax-train run folder or a Hugging Face "
+                                                "model folder")
+    parser.add_argument("--prompt", default="", help="prompt text")
+    parser.add_argument("--ids", type=int, nargs="+", help="prompt token ids (instead of text)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--num", type=int, default=1, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     import jax
+    import numpy as np
 
-    from transformax import train
-    from transformax.train.samples import sample_text
+    from transformax import generate
 
     try:
-        cfg, state = train.load_run(args.run_dir, args.step)
-    except (train.ConfigError, FileNotFoundError) as e:
+        module, params, cfg, tokenizer, eos = _load_generator(args.path)
+        if args.ids is not None:
+            ids = args.ids
+        elif tokenizer == "bytes":
+            ids = list(args.prompt.encode())
+        elif tokenizer is not None:
+            ids = tokenizer(args.prompt)["input_ids"]
+        else:
+            raise ValueError(f"{args.path} has no tokenizer: pass the prompt as --ids")
+        if not ids:
+            raise ValueError("empty prompt: pass --prompt TEXT or --ids")
+        prompts = np.tile(np.asarray(ids, np.int32), (args.num, 1))
+        out = generate.generate(module, params, cfg, prompts, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                rng=jax.random.key(args.seed), eos_id=eos, pad_id=-1)
+    except (ValueError, OSError) as e:
         print(f"transformax-generate: error: {e}", file=sys.stderr)
         return 1
-    if not cfg.task.decoder:
-        print(f"transformax-generate: error: model.arch={cfg.model.arch!r} does not generate "
-              f"text", file=sys.stderr)
-        return 1
-    for text in sample_text(cfg.task, state.params, cfg.model_config, args.prompt,
-                            num=args.num, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k,
-                            rng=jax.random.key(args.seed)):
-        print(text)
+    for row in np.asarray(out):
+        new = [int(i) for i in row if i >= 0]
+        if args.ids is not None or tokenizer is None:
+            print(" ".join(map(str, new)))
+        elif tokenizer == "bytes":
+            print(args.prompt + bytes(new).decode("utf-8", errors="replace"))
+        else:
+            print(tokenizer.decode(ids + new, skip_special_tokens=True))
     return 0
