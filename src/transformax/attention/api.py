@@ -132,17 +132,11 @@ class _Call:
             raise ValueError(f"sdpa: {_desc('attn_mask', mask)} does not broadcast to "
                              f"(..., Hq, L, S) = {target}")
         mask = mask.reshape((1,) * (len(target) - mask.ndim) + mask.shape)
-        outer, heads = (target[:-3], target[-3]) if len(target) > 2 else ((), 1)
-        if len(target) > 2:
-            mask_outer = mask.shape[:-3]
-            if any(d != 1 for d in mask_outer):
-                mask = jnp.broadcast_to(mask, (*outer, *mask.shape[-3:]))
-            else:
-                outer = (1,)
-            mask = mask.reshape(math.prod(outer), *mask.shape[-3:])
-        else:
-            mask = mask.reshape(1, 1, *mask.shape)
-        return mask
+        if mask.ndim == 2:  # rank-2 inputs: no batch or head dims
+            return mask[None, None]
+        if any(d != 1 for d in mask.shape[:-3]):
+            mask = jnp.broadcast_to(mask, (*target[:-3], *mask.shape[-3:]))
+        return mask.reshape(-1, *mask.shape[-3:])
 
     @property
     def is_empty(self) -> bool:

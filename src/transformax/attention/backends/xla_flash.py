@@ -109,7 +109,7 @@ class _Tiling:
         return rows, cols
 
     def scores(self, q_block, k, mask, seed, i, j, masked: bool):
-        """f32 scaled scores ``(B, Hk, G·bq, bk)`` of tile (i, j), ``-inf`` where hidden, and the
+        """Scaled scores ``(B, Hk, G·bq, bk)`` of tile (i, j) in ``acc_dtype``, ``-inf`` where hidden, and the
         dropout keep-mask (or None)."""
         p = self.p
         k_tile = lax.dynamic_slice_in_dim(k, j * self.bk, self.bk, axis=2)
@@ -139,7 +139,7 @@ class _Tiling:
         return mask.reshape(*mask.shape[:2], self.rows_per_block, mask.shape[4])
 
     def prepare(self, q, k, v, mask):
-        """Blocks, pads and (for f32) pre-scales the operands once for the tile loops."""
+        """Blocks, pads and (for f32/f64) pre-scales the operands once for the tile loops."""
         if self.prescaled:
             q = q * jnp.asarray(self.p.scale, q.dtype)
         return self.q_blocks(q), self.kv(k), self.kv(v), self.dense_mask(mask)
