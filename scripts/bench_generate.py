@@ -45,7 +45,7 @@ def main() -> None:
 
     hf_cfg = transformers.GPT2Config(bos_token_id=None, eos_token_id=None)  # GPT-2 small shape
     model = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    params, cfg = gpt.from_hf(model)
+    _, params, cfg = gpt.from_hf(model)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.prompt_len),
                                                dtype=np.int32)
     n = args.new_tokens

@@ -156,7 +156,7 @@ def test_command_on_hugging_face_folder(tmp_path, capsys):
         vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=95,
         eos_token_id=95))
     model.save_pretrained(tmp_path)
-    params, cfg = gpt.from_hf(model)
+    _, params, cfg = gpt.from_hf(model)
     assert cfg == GPT  # so the compiled generate of the tests above is reused
     ids = list(range(1, 9))
     assert cli.generate_main([str(tmp_path), "--ids", *map(str, ids), "--max-new-tokens", "6",

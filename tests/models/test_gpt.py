@@ -22,7 +22,7 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def converted(hf_model):
-    return gpt.from_hf(hf_model)
+    return gpt.from_hf(hf_model)[1:]
 
 
 def test_logits_match_hugging_face(hf_model, converted, tokens, hf_run):
@@ -92,16 +92,16 @@ def test_dropout_needs_rng_and_is_deterministic(converted, tokens):
 def test_from_state_dict_and_errors(hf_model, converted, tokens):
     params, cfg = converted
     state = hf_model.state_dict()
-    p2, cfg2 = gpt.from_hf(state, config=hf_model.config)
+    _, p2, cfg2 = gpt.from_hf(state, config=hf_model.config)
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, p2, params)
     with pytest.raises(ValueError, match="a state dict needs config="):
         gpt.from_hf(state)
     missing = {k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.bias"}
-    with pytest.raises(KeyError, match=r"missing tensor 'h.1.mlp.c_fc.bias'"):
+    with pytest.raises(ValueError, match=r"missing tensors \[transformer.h.1.mlp.c_fc.bias\]"):
         gpt.from_hf(missing, config=cfg)
     bad = dict(state, **{"transformer.wpe.weight": torch.zeros(8, 32)})
-    with pytest.raises(ValueError, match=r"tensor 'wpe.weight' has shape \(8, 32\), expected \(32, 32\)"):
+    with pytest.raises(ValueError, match=r"tensor 'transformer.wpe.weight' has shape \(8, 32\), expected \(32, 32\)"):
         gpt.from_hf(bad, config=cfg)
 
 

@@ -9,13 +9,13 @@ mask; a masked-language-model head tied to the word embedding.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
 
 from transformax import nn
-from transformax.models import _common
-from transformax.models._hf import HFTensors, resolve_config
+from transformax.models import _common, _hf
 
 num_params = _common.num_params
 
@@ -116,50 +116,75 @@ def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
     return policy.cast_to_output(nn.unembed(p["word"], x) + p["mlm"]["bias"])
 
 
+HF_PREFIX = "bert."
+HF_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                   num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                   max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+                   initializer_range=0.02, position_embedding_type="absolute")
+
+
 def config_from_hf(hf_cfg, **overrides) -> Config:
-    """Our ``Config`` for a Hugging Face ``BertConfig`` (``overrides`` e.g. dtypes)."""
-    if hf_cfg.hidden_act != "gelu":
-        raise ValueError(f"from_hf: hidden_act={hf_cfg.hidden_act!r} is not supported (gelu)")
-    if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"from_hf: position_embedding_type={hf_cfg.position_embedding_type!r} "
+    """Our ``Config`` for a Hugging Face ``BertConfig`` or its ``config.json`` dict
+    (``overrides`` e.g. dtypes)."""
+    c = _hf.hf_config(hf_cfg, HF_DEFAULTS)
+    if c["hidden_act"] != "gelu":
+        raise ValueError(f"from_hf: hidden_act={c['hidden_act']!r} is not supported (gelu)")
+    if c["position_embedding_type"] != "absolute":
+        raise ValueError(f"from_hf: position_embedding_type={c['position_embedding_type']!r} "
                          f"is not supported (absolute)")
-    return Config(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers,
-                  n_head=hf_cfg.num_attention_heads, dim=hf_cfg.hidden_size,
-                  hidden_dim=hf_cfg.intermediate_size,
-                  max_position=hf_cfg.max_position_embeddings,
-                  type_vocab_size=hf_cfg.type_vocab_size, layer_norm_eps=hf_cfg.layer_norm_eps,
-                  dropout=hf_cfg.hidden_dropout_prob, init_std=hf_cfg.initializer_range,
+    return Config(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
+                  n_head=c["num_attention_heads"], dim=c["hidden_size"],
+                  hidden_dim=c["intermediate_size"], max_position=c["max_position_embeddings"],
+                  type_vocab_size=c["type_vocab_size"], layer_norm_eps=c["layer_norm_eps"],
+                  dropout=c["hidden_dropout_prob"], init_std=c["initializer_range"],
                   **overrides)
 
 
-def from_hf(model_or_state_dict, config=None, **overrides) -> tuple[dict, Config]:
-    """``(params, cfg)`` from a Hugging Face ``BertForMaskedLM`` (with the MLM head) or
-    ``BertModel`` (without; the pooler is dropped), or a state dict of one (then ``config``: a
-    ``BertConfig`` or our ``Config``). Raises naming any missing or misshapen tensor."""
-    cfg = resolve_config(model_or_state_dict, config, Config, config_from_hf, overrides)
-    t = HFTensors(model_or_state_dict, "bert.", cfg.policy.param_dtype)
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` of a Hugging Face ``BertForMaskedLM`` equal to ``cfg`` (``AutoModel``
+    reads it as a ``BertModel``)."""
+    return dict(HF_DEFAULTS, model_type="bert", architectures=["BertForMaskedLM"],
+                vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, hidden_size=cfg.dim,
+                intermediate_size=cfg.hidden_dim, max_position_embeddings=cfg.max_position,
+                type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.layer_norm_eps,
+                hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                initializer_range=cfg.init_std, tie_word_embeddings=True)
+
+
+def hf_layout(cfg: Config, head: bool) -> _hf.Layout:
+    """Where each parameter lives in a Hugging Face ``BertForMaskedLM`` (``head``) or
+    ``BertModel`` checkpoint; the pooler and the next-sentence head are skipped."""
+    t = _hf.Layout(HF_PREFIX, base_only=not head,
+                   tied={"cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+                         "cls.predictions.decoder.bias": "cls.predictions.bias"},
+                   ignore=("pooler.*", "cls.seq_relationship.*", "embeddings.position_ids",
+                           "embeddings.token_type_ids"))
     d = cfg.dim
+    for name in ("word", "position", "token_type"):
+        t.add(f"embed/{name}", f"embeddings.{name}_embeddings.weight")
+    t.layer_norm("embed/norm", "embeddings.LayerNorm")
+    for i in range(cfg.n_layer):
+        b, h = f"blocks/{i}", f"encoder.layer.{i}"
+        t.fused_linear(f"{b}/attn/qkv", [f"{h}.attention.self.{x}" for x in ("query", "key",
+                                                                             "value")],
+                       [d] * 3, bias=True)
+        t.linear(f"{b}/attn/out", f"{h}.attention.output.dense")
+        t.layer_norm(f"{b}/attn_norm", f"{h}.attention.output.LayerNorm")
+        t.linear(f"{b}/mlp/fc", f"{h}.intermediate.dense")
+        t.linear(f"{b}/mlp/proj", f"{h}.output.dense")
+        t.layer_norm(f"{b}/mlp_norm", f"{h}.output.LayerNorm")
+    if head:
+        t.linear("mlm/transform", "cls.predictions.transform.dense")
+        t.layer_norm("mlm/norm", "cls.predictions.transform.LayerNorm")
+        t.add("mlm/bias", "cls.predictions.bias")
+    return t
 
-    def block(i):
-        pre = f"encoder.layer.{i}"
-        attn = f"{pre}.attention.self"
-        return {"attn": {"qkv": t.fused_linear([f"{attn}.query", f"{attn}.key", f"{attn}.value"],
-                                               d, [d] * 3, bias=True),
-                         "out": t.linear(f"{pre}.attention.output.dense", d, d)},
-                "attn_norm": t.layer_norm(f"{pre}.attention.output.LayerNorm", d),
-                "mlp": {"fc": t.linear(f"{pre}.intermediate.dense", d, cfg.hidden_dim),
-                        "proj": t.linear(f"{pre}.output.dense", cfg.hidden_dim, d)},
-                "mlp_norm": t.layer_norm(f"{pre}.output.LayerNorm", d)}
 
-    params = {"embed": {"word": t.get("embeddings.word_embeddings.weight", (cfg.vocab_size, d)),
-                        "position": t.get("embeddings.position_embeddings.weight",
-                                          (cfg.max_position, d)),
-                        "token_type": t.get("embeddings.token_type_embeddings.weight",
-                                            (cfg.type_vocab_size, d)),
-                        "norm": t.layer_norm("embeddings.LayerNorm", d)},
-              "blocks": [block(i) for i in range(cfg.n_layer)]}
-    if any(k.startswith("cls.predictions.") for k in t.state):
-        params["mlm"] = {"transform": t.linear("cls.predictions.transform.dense", d, d),
-                         "norm": t.layer_norm("cls.predictions.transform.LayerNorm", d),
-                         "bias": t.get("cls.predictions.bias", (cfg.vocab_size,))}
-    return params, cfg
+def from_hf(model_or_state_dict, config=None, **overrides):
+    """``(bert, params, cfg)`` from a Hugging Face ``BertForMaskedLM`` (with the MLM head) or
+    ``BertModel`` (without; the pooler is dropped), or a state dict of one (then ``config``: a
+    ``BertConfig``, its ``config.json`` dict or our ``Config``). Raises naming every missing,
+    unused or misshapen tensor."""
+    return _hf.from_hf(sys.modules[__name__], model_or_state_dict, config, overrides)

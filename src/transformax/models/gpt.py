@@ -1,18 +1,19 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, tanh GELU, head tied to the token embedding.
 
 ``params = init(key, cfg)``; ``logits = apply(params, tokens, cfg)``; for generation,
-``init_cache`` + ``apply_cached``; ``from_hf`` converts a Hugging Face ``GPT2LMHeadModel``.
+``init_cache`` + ``apply_cached``; ``from_hf`` converts a Hugging Face ``GPT2LMHeadModel``
+(``hf_layout``: where each parameter lives there).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 
 from transformax import nn
-from transformax.models import _common
-from transformax.models._hf import HFTensors, resolve_config
+from transformax.models import _common, _hf
 
 num_params = _common.num_params
 
@@ -110,38 +111,66 @@ def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, r
     return policy.cast_to_output(nn.unembed(p["wte"], x)), kvs
 
 
+HF_PREFIX = "transformer."
+HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                   n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
+                   layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,
+                   scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True)
+
+
 def config_from_hf(hf_cfg, **overrides) -> Config:
-    """Our ``Config`` for a Hugging Face ``GPT2Config`` (``overrides`` e.g. dtypes)."""
-    if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"from_hf: activation_function={hf_cfg.activation_function!r} is not "
+    """Our ``Config`` for a Hugging Face ``GPT2Config`` or its ``config.json`` dict
+    (``overrides`` e.g. dtypes)."""
+    c = _hf.hf_config(hf_cfg, HF_DEFAULTS)
+    if c["activation_function"] not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"from_hf: activation_function={c['activation_function']!r} is not "
                          f"supported (GPT-2 uses the tanh GELU, 'gelu_new')")
-    if hf_cfg.n_inner not in (None, 4 * hf_cfg.n_embd):
-        raise ValueError(f"from_hf: n_inner={hf_cfg.n_inner} is not supported (only 4 * n_embd)")
-    if hf_cfg.scale_attn_by_inverse_layer_idx or not hf_cfg.scale_attn_weights:
+    if c["n_inner"] not in (None, 4 * c["n_embd"]):
+        raise ValueError(f"from_hf: n_inner={c['n_inner']} is not supported (only 4 * n_embd)")
+    if c["scale_attn_by_inverse_layer_idx"] or not c["scale_attn_weights"]:
         raise ValueError("from_hf: only the standard 1/sqrt(head_dim) attention scaling is "
                          "supported")
-    return Config(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head,
-                  n_embd=hf_cfg.n_embd, block_size=hf_cfg.n_positions,
-                  dropout=hf_cfg.resid_pdrop, layer_norm_eps=hf_cfg.layer_norm_epsilon,
-                  init_std=hf_cfg.initializer_range, **overrides)
+    if not c["tie_word_embeddings"]:
+        raise ValueError("from_hf: tie_word_embeddings=False is not supported (GPT-2's head is "
+                         "the token embedding)")
+    return Config(vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                  n_embd=c["n_embd"], block_size=c["n_positions"], dropout=c["resid_pdrop"],
+                  layer_norm_eps=c["layer_norm_epsilon"], init_std=c["initializer_range"],
+                  **overrides)
 
 
-def from_hf(model_or_state_dict, config=None, **overrides) -> tuple[dict, Config]:
-    """``(params, cfg)`` from a Hugging Face ``GPT2LMHeadModel`` / ``GPT2Model`` or its state
-    dict (then ``config``: a ``GPT2Config`` or our ``Config``). Raises naming any missing or
-    misshapen tensor. ``overrides`` set ``Config`` fields such as ``param_dtype``."""
-    cfg = resolve_config(model_or_state_dict, config, Config, config_from_hf, overrides)
-    t = HFTensors(model_or_state_dict, "transformer.", cfg.policy.param_dtype)
-    d = cfg.n_embd
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` of a Hugging Face ``GPT2LMHeadModel`` equal to ``cfg``."""
+    return dict(HF_DEFAULTS, model_type="gpt2", architectures=["GPT2LMHeadModel"],
+                vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
+                embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                layer_norm_epsilon=cfg.layer_norm_eps, initializer_range=cfg.init_std,
+                bos_token_id=None, eos_token_id=None)
 
-    blocks = [{"ln_1": t.layer_norm(f"h.{i}.ln_1", d),
-               "attn": {"qkv": t.linear(f"h.{i}.attn.c_attn", d, 3 * d, conv1d=True),
-                        "out": t.linear(f"h.{i}.attn.c_proj", d, d, conv1d=True)},
-               "ln_2": t.layer_norm(f"h.{i}.ln_2", d),
-               "mlp": {"fc": t.linear(f"h.{i}.mlp.c_fc", d, 4 * d, conv1d=True),
-                       "proj": t.linear(f"h.{i}.mlp.c_proj", 4 * d, d, conv1d=True)}}
-              for i in range(cfg.n_layer)]
-    params = {"wte": t.get("wte.weight", (cfg.vocab_size, d)),
-              "wpe": t.get("wpe.weight", (cfg.block_size, d)),
-              "blocks": blocks, "ln_f": t.layer_norm("ln_f", d)}
-    return params, cfg
+
+def hf_layout(cfg: Config, head: bool) -> _hf.Layout:
+    """Where each parameter lives in a Hugging Face GPT-2 checkpoint (``head`` unused: tied)."""
+    del head
+    t = _hf.Layout(HF_PREFIX, tied={"lm_head.weight": "wte.weight"},
+                   ignore=("h.*.attn.bias", "h.*.attn.masked_bias"))
+    t.add("wte", "wte.weight")
+    t.add("wpe", "wpe.weight")
+    for i in range(cfg.n_layer):
+        b, h = f"blocks/{i}", f"h.{i}"
+        t.layer_norm(f"{b}/ln_1", f"{h}.ln_1")
+        t.linear(f"{b}/attn/qkv", f"{h}.attn.c_attn", conv1d=True)
+        t.linear(f"{b}/attn/out", f"{h}.attn.c_proj", conv1d=True)
+        t.layer_norm(f"{b}/ln_2", f"{h}.ln_2")
+        t.linear(f"{b}/mlp/fc", f"{h}.mlp.c_fc", conv1d=True)
+        t.linear(f"{b}/mlp/proj", f"{h}.mlp.c_proj", conv1d=True)
+    t.layer_norm("ln_f", "ln_f")
+    return t
+
+
+def from_hf(model_or_state_dict, config=None, **overrides):
+    """``(gpt, params, cfg)`` from a Hugging Face ``GPT2LMHeadModel`` / ``GPT2Model`` or its state
+    dict (then ``config``: a ``GPT2Config``, its ``config.json`` dict or our ``Config``).
+    Raises naming every missing, unused or misshapen tensor. ``overrides`` set ``Config`` fields
+    such as ``param_dtype``."""
+    return _hf.from_hf(sys.modules[__name__], model_or_state_dict, config, overrides)

@@ -8,12 +8,12 @@ attention, untied or tied output head.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import jax
 
 from transformax import nn
-from transformax.models import _common
-from transformax.models._hf import HFTensors, resolve_config
+from transformax.models import _common, _hf
 
 num_params = _common.num_params
 
@@ -128,12 +128,21 @@ def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, r
     return policy.cast_to_output(logits), kvs
 
 
-def _rope_from_hf(hf_cfg) -> tuple[float, nn.RopeScaling | None]:
+HF_PREFIX = "model."
+HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                   head_dim=None, hidden_act="silu", max_position_embeddings=2048,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, rope_parameters=None,
+                   tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                   attention_dropout=0.0, initializer_range=0.02)
+
+
+def _rope_from_hf(c: dict) -> tuple[float, nn.RopeScaling | None]:
     """``(theta, scaling)`` from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
     ``rope_scaling`` (transformers 4)."""
-    rope = dict(getattr(hf_cfg, "rope_parameters", None) or {})
-    rope.setdefault("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
-    rope.update(getattr(hf_cfg, "rope_scaling", None) or {})
+    rope = dict(c["rope_parameters"] or {})
+    rope.setdefault("rope_theta", c["rope_theta"])
+    rope.update(c["rope_scaling"] or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return rope["rope_theta"], None
@@ -148,50 +157,78 @@ def _rope_from_hf(hf_cfg) -> tuple[float, nn.RopeScaling | None]:
                      f"'llama3')")
 
 
+def _rope_to_hf(cfg: Config) -> dict:
+    s = cfg.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if s.kind == "linear":
+        return {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": s.factor}
+    return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position}
+
+
 def config_from_hf(hf_cfg, **overrides) -> Config:
-    """Our ``Config`` for a Hugging Face ``LlamaConfig`` (``overrides`` e.g. dtypes)."""
-    if hf_cfg.hidden_act != "silu":
-        raise ValueError(f"from_hf: hidden_act={hf_cfg.hidden_act!r} is not supported (silu)")
-    theta, scaling = _rope_from_hf(hf_cfg)
-    return Config(vocab_size=hf_cfg.vocab_size, n_layer=hf_cfg.num_hidden_layers,
-                  n_head=hf_cfg.num_attention_heads,
-                  n_kv_head=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
-                  dim=hf_cfg.hidden_size, hidden_dim=hf_cfg.intermediate_size,
-                  head_dim=getattr(hf_cfg, "head_dim", None),
-                  max_seq_len=hf_cfg.max_position_embeddings, rope_theta=theta,
-                  rope_scaling=scaling, norm_eps=hf_cfg.rms_norm_eps,
-                  tie_embeddings=hf_cfg.tie_word_embeddings,
-                  attention_bias=getattr(hf_cfg, "attention_bias", False),
-                  mlp_bias=getattr(hf_cfg, "mlp_bias", False),
-                  dropout=hf_cfg.attention_dropout, init_std=hf_cfg.initializer_range, **overrides)
+    """Our ``Config`` for a Hugging Face ``LlamaConfig`` or its ``config.json`` dict
+    (``overrides`` e.g. dtypes)."""
+    c = _hf.hf_config(hf_cfg, HF_DEFAULTS)
+    if c["hidden_act"] != "silu":
+        raise ValueError(f"from_hf: hidden_act={c['hidden_act']!r} is not supported (silu)")
+    theta, scaling = _rope_from_hf(c)
+    return Config(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
+                  n_head=c["num_attention_heads"],
+                  n_kv_head=c["num_key_value_heads"] or c["num_attention_heads"],
+                  dim=c["hidden_size"], hidden_dim=c["intermediate_size"],
+                  head_dim=c["head_dim"], max_seq_len=c["max_position_embeddings"],
+                  rope_theta=theta, rope_scaling=scaling, norm_eps=c["rms_norm_eps"],
+                  tie_embeddings=c["tie_word_embeddings"], attention_bias=c["attention_bias"],
+                  mlp_bias=c["mlp_bias"], dropout=c["attention_dropout"],
+                  init_std=c["initializer_range"], **overrides)
 
 
-def from_hf(model_or_state_dict, config=None, **overrides) -> tuple[dict, Config]:
-    """``(params, cfg)`` from a Hugging Face ``LlamaForCausalLM`` or its state dict (then
-    ``config``: a ``LlamaConfig`` or our ``Config``). Raises naming any missing or misshapen
-    tensor. ``overrides`` set ``Config`` fields such as ``param_dtype``."""
-    cfg = resolve_config(model_or_state_dict, config, Config, config_from_hf, overrides)
-    t = HFTensors(model_or_state_dict, "model.", cfg.policy.param_dtype)
-    d, hd = cfg.dim, cfg.head_dim
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to ``cfg``."""
+    rope = _rope_to_hf(cfg)
+    return dict(HF_DEFAULTS, model_type="llama", architectures=["LlamaForCausalLM"],
+                vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, rope_parameters=rope,
+                rope_scaling=None if cfg.rope_scaling is None else rope,
+                tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_bias,
+                mlp_bias=cfg.mlp_bias, attention_dropout=cfg.dropout,
+                initializer_range=cfg.init_std, bos_token_id=None, eos_token_id=None)
 
-    def block(i):
-        pre = f"layers.{i}"
-        q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
-        attn, mlp = f"{pre}.self_attn", f"{pre}.mlp"
-        return {"attn_norm": {"scale": t.get(f"{pre}.input_layernorm.weight", (d,))},
-                "attn": {"qkv": t.fused_linear([f"{attn}.q_proj", f"{attn}.k_proj",
-                                                f"{attn}.v_proj"], d, [q, kv, kv],
-                                               bias=cfg.attention_bias),
-                         "out": t.linear(f"{attn}.o_proj", q, d, bias=cfg.attention_bias)},
-                "mlp_norm": {"scale": t.get(f"{pre}.post_attention_layernorm.weight", (d,))},
-                "mlp": {"gate_up": t.fused_linear([f"{mlp}.gate_proj", f"{mlp}.up_proj"], d,
-                                                  [cfg.hidden_dim] * 2, bias=cfg.mlp_bias),
-                        "down": t.linear(f"{mlp}.down_proj", cfg.hidden_dim, d,
-                                         bias=cfg.mlp_bias)}}
 
-    params = {"embed": t.get("embed_tokens.weight", (cfg.vocab_size, d)),
-              "blocks": [block(i) for i in range(cfg.n_layer)],
-              "norm": {"scale": t.get("norm.weight", (d,))}}
+def hf_layout(cfg: Config, head: bool) -> _hf.Layout:
+    """Where each parameter lives in a Hugging Face Llama checkpoint (``head`` unused: the
+    config says whether ``lm_head`` is tied)."""
+    del head
+    t = _hf.Layout(HF_PREFIX, ignore=("*rotary_emb.inv_freq",),
+                   tied={"lm_head.weight": "embed_tokens.weight"} if cfg.tie_embeddings else {})
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    t.add("embed", "embed_tokens.weight")
+    for i in range(cfg.n_layer):
+        b, h = f"blocks/{i}", f"layers.{i}"
+        attn, mlp = f"{h}.self_attn", f"{h}.mlp"
+        t.add(f"{b}/attn_norm/scale", f"{h}.input_layernorm.weight")
+        t.fused_linear(f"{b}/attn/qkv", [f"{attn}.{x}_proj" for x in "qkv"], [q, kv, kv],
+                       bias=cfg.attention_bias)
+        t.linear(f"{b}/attn/out", f"{attn}.o_proj", bias=cfg.attention_bias)
+        t.add(f"{b}/mlp_norm/scale", f"{h}.post_attention_layernorm.weight")
+        t.fused_linear(f"{b}/mlp/gate_up", [f"{mlp}.gate_proj", f"{mlp}.up_proj"],
+                       [cfg.hidden_dim] * 2, bias=cfg.mlp_bias)
+        t.linear(f"{b}/mlp/down", f"{mlp}.down_proj", bias=cfg.mlp_bias)
+    t.add("norm/scale", "norm.weight")
     if not cfg.tie_embeddings:
-        params["lm_head"] = t.linear("lm_head", d, cfg.vocab_size, bias=False)
-    return params, cfg
+        t.linear("lm_head", "lm_head", bias=False)
+    return t
+
+
+def from_hf(model_or_state_dict, config=None, **overrides):
+    """``(llama, params, cfg)`` from a Hugging Face ``LlamaForCausalLM`` or its state dict
+    (then ``config``: a ``LlamaConfig``, its ``config.json`` dict or our ``Config``). Raises
+    naming every missing, unused or misshapen tensor. ``overrides`` set ``Config`` fields such
+    as ``param_dtype``."""
+    return _hf.from_hf(sys.modules[__name__], model_or_state_dict, config, overrides)
