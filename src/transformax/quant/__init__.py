@@ -1,0 +1,17 @@
+"""Int8 quantization: ``quantize`` a parameter pytree with a recipe, and every ``nn.linear`` on
+a quantized weight runs an int8 matmul kernel chosen per platform (``explain`` says which and
+why; ``kernel([...])`` restricts the choice).
+
+    from transformax import quant
+    qparams = quant.quantize(params, "int8-dynamic")
+    logits = gpt.apply(qparams, tokens, cfg)
+"""
+
+from transformax.quant.matmul import explain, matmul
+from transformax.quant.qweight import QuantizedWeight
+from transformax.quant.quantize import dequantize, quantize
+from transformax.quant.recipe import RECIPES, Recipe
+from transformax.quant.select import Kernel, kernel
+
+__all__ = ["RECIPES", "Kernel", "QuantizedWeight", "Recipe", "dequantize", "explain", "kernel",
+           "matmul", "quantize"]

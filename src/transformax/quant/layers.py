@@ -1,0 +1,29 @@
+"""Finding ``nn.linear`` layers in any parameter pytree, by dotted path (``blocks.0.mlp.fc``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+
+def is_layer(node) -> bool:
+    """An ``nn.linear`` layer: a dict with a ``"w"`` and at most a ``"b"`` besides."""
+    return isinstance(node, dict) and "w" in node and set(node) <= {"w", "b"}
+
+
+def map_layers(fn: Callable[[str, dict], dict], params):
+    """``params`` with each layer dict replaced by ``fn(path, layer)``."""
+    def visit(path, node):
+        if not is_layer(node):
+            return node
+        return fn(jax.tree_util.keystr(path, simple=True, separator="."), node)
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_layer)
+
+
+def find_layers(params) -> dict[str, dict]:
+    """Every layer in ``params`` by path, in pytree order."""
+    found = {}
+    map_layers(lambda path, node: found.setdefault(path, node), params)
+    return found

@@ -1,0 +1,37 @@
+"""The canonical int8 matmul problem the selector and the kernels see."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from transformax.quant.qweight import QuantizedWeight
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """``(M, K) @ (K, N)``: activations of ``dtype``, the weight's layout and activation mode."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    dtype: str
+    activations: str
+    weight_granularity: str
+    act_granularity: str
+    act_symmetric: bool
+
+    @classmethod
+    def of(cls, x: jax.Array, qw: QuantizedWeight) -> Problem:
+        """The problem of ``x (M, K) @ qw``."""
+        return cls(qw.name, x.shape[0], *qw.shape, str(x.dtype), qw.activations,
+                   qw.granularity, qw.act_granularity, qw.act_symmetric)
+
+    def describe(self) -> str:
+        acts = "float" if self.activations == "none" else (
+            f"int8 {self.activations} per {self.act_granularity} "
+            f"{'symmetric' if self.act_symmetric else 'asymmetric'}")
+        return (f"int8 matmul {self.name!r}: ({self.m}, {self.k}) @ ({self.k}, {self.n}), "
+                f"x {self.dtype}, weights per {self.weight_granularity}, activations {acts}")

@@ -1,0 +1,83 @@
+"""``quantize`` / ``dequantize`` of every ``nn.linear`` layer in a parameter pytree."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import jax
+import jax.numpy as jnp
+
+from transformax.quant.calibrate import calibrate
+from transformax.quant.layers import find_layers, map_layers
+from transformax.quant.qweight import QuantizedWeight, quantize_weight
+from transformax.quant.recipe import Recipe, as_recipe
+
+
+def _patterns(arg: str, patterns, paths: list[str]) -> tuple[str, ...]:
+    """Glob ``patterns`` (checked: strings, each matching some layer path)."""
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"quantize: {arg} must be a sequence of glob patterns over layer paths "
+                        f"(e.g. ['blocks.0.*']), got {patterns!r}")
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+            raise ValueError(f"quantize: {arg} pattern {pattern!r} matches no linear layer; "
+                             f"the layers are: {shown}")
+    return tuple(patterns)
+
+
+def _selected(paths: list[str], recipe: Recipe, skip) -> list[str]:
+    include = _patterns("Recipe layers", recipe.layers, paths)
+    exclude = _patterns("skip", skip, paths)
+    return [p for p in paths if any(fnmatch.fnmatchcase(p, i) for i in include)
+            and not any(fnmatch.fnmatchcase(p, s) for s in exclude)]
+
+
+def _check_weight(name: str, w) -> None:
+    if isinstance(w, QuantizedWeight):
+        raise ValueError(f"quantize: layer {name!r} is already quantized")
+    if getattr(w, "ndim", None) != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"quantize: layer {name!r}: int8 needs a floating-point 2-D (in, out) "
+                         f"weight, got shape {getattr(w, 'shape', None)} dtype "
+                         f"{getattr(w, 'dtype', type(w).__name__)}")
+
+
+def quantize(params, recipe: str | Recipe, *, calibration=None, skip=()):
+    """``params`` with the weight of every ``nn.linear`` layer (a ``{"w"[, "b"]}`` dict) whose
+    dotted path matches ``recipe.layers`` and no ``skip`` glob replaced by a
+    :class:`QuantizedWeight`. ``recipe``: "int8-weight", "int8-dynamic", "int8-static" or a
+    :class:`Recipe`. "int8-static" needs ``calibration=(fn, batches)``: ``fn(params, batch)``
+    runs the model; the layers' input ranges over the batches fix the activation scales."""
+    recipe = as_recipe(recipe)
+    layers = find_layers(params)
+    if not layers:
+        raise ValueError("quantize: params has no nn.linear layers ({'w': (in, out)[, 'b']} "
+                         "dicts)")
+    chosen = _selected(list(layers), recipe, skip)
+    for name in chosen:
+        _check_weight(name, layers[name]["w"])
+    if (recipe.activations == "static") != (calibration is not None):
+        raise ValueError(f"quantize: calibration=(fn, batches) is needed by, and only by, "
+                         f"activations='static' (recipe activations={recipe.activations!r})")
+    static = calibrate(params, chosen, calibration, recipe) if calibration is not None else {}
+
+    def convert(name, layer):
+        if name not in chosen:
+            return layer
+        w = layer["w"]
+        act_scale, act_zero = static.get(name, (None, None))
+        qw = QuantizedWeight(**quantize_weight(w, granularity=recipe.weight_granularity,
+                                               group_size=recipe.group_size, name=name),
+                             act_scale=act_scale, act_zero=act_zero, name=name,
+                             activations=recipe.activations,
+                             act_granularity=recipe.act_granularity,
+                             act_symmetric=recipe.act_symmetric, dtype=str(w.dtype))
+        return {**layer, "w": qw}
+
+    return map_layers(convert, params)
+
+
+def dequantize(params):
+    """``params`` with every :class:`QuantizedWeight` replaced by its float weight."""
+    return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QuantizedWeight) else x,
+                        params, is_leaf=lambda x: isinstance(x, QuantizedWeight))

@@ -1,0 +1,76 @@
+"""The quantized weight: a pytree node holding int8 values and their scales, used in place of an
+``nn.linear`` weight (``x @ qw`` runs the selected int8 kernel)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+INT8_MAX = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """An ``(in, out)`` weight as ``values`` (int8) times ``scale``: ``(groups, out)`` for per
+    channel (groups = 1) and grouped weights, ``(1, 1)`` per tensor. Static activation
+    quantization adds ``act_scale`` (and ``act_zero`` when asymmetric), scalars. The metadata
+    (``name``: the layer path; the activation mode; the original ``dtype``) is static."""
+
+    values: jax.Array
+    scale: jax.Array
+    act_scale: jax.Array | None = None
+    act_zero: jax.Array | None = None
+    name: str = "linear"
+    activations: str = "none"
+    act_granularity: str = "token"
+    act_symmetric: bool = True
+    dtype: str = "float32"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[-2]
+
+    @property
+    def granularity(self) -> str:
+        if self.scale.shape[-1] == 1 and self.values.shape[-1] != 1:
+            return "tensor"
+        return "group" if self.groups > 1 else "channel"
+
+    def dequantize(self) -> jax.Array:
+        """The float ``(in, out)`` weight these values and scales stand for."""
+        k, n = self.values.shape[-2:]
+        g = self.groups
+        values = self.values.reshape(*self.values.shape[:-2], g, k // g, n)
+        w = values.astype(jnp.float32) * self.scale[..., :, None, :]
+        return w.reshape(self.values.shape).astype(self.dtype)
+
+    def __rmatmul__(self, x):
+        from transformax.quant.matmul import matmul  # matmul imports this module
+        return matmul(x, self)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedWeight, data_fields=["values", "scale", "act_scale", "act_zero"],
+    meta_fields=["name", "activations", "act_granularity", "act_symmetric", "dtype"])
+
+
+def quantize_weight(w: jax.Array, *, granularity: str, group_size: int, name: str) -> dict:
+    """``values`` and ``scale`` of a float ``(in, out)`` weight: symmetric, round to nearest;
+    an all-zero channel gets scale 1 (its values are 0)."""
+    k, n = w.shape
+    if granularity == "group" and k % group_size:
+        raise ValueError(f"quantize: layer {name!r}: group_size={group_size} does not divide "
+                         f"its {k} input features (weight shape {w.shape})")
+    groups = k // group_size if granularity == "group" else 1
+    wg = w.astype(jnp.float32).reshape(groups, k // groups, n)
+    axes = (1, 2) if granularity == "tensor" else (1,)
+    amax = jnp.max(jnp.abs(wg), axis=axes, keepdims=True)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    values = jnp.clip(jnp.round(wg / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return {"values": values.reshape(k, n), "scale": scale[:, 0, :]}

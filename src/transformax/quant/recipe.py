@@ -1,0 +1,70 @@
+"""Quantization recipes: the knobs as a :class:`Recipe` and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+ACTIVATIONS = ("none", "dynamic", "static")
+WEIGHT_GRANULARITIES = ("channel", "tensor", "group")
+ACT_GRANULARITIES = ("token", "tensor")
+OBSERVERS = ("minmax", "percentile")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Recipe {name}={value!r}: expected one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How to quantize: int8 weights, symmetric, scaled per output channel / tensor / group of
+    ``group_size`` input rows; activations kept in the compute dtype (``"none"``), quantized to
+    int8 at run time (``"dynamic"``, per token or per tensor) or with scales fixed by
+    calibration (``"static"``, per tensor; ``observer`` "minmax" or "percentile", the
+    ``percentile`` of the batch's values, averaged over batches). ``act_symmetric=False`` adds a
+    zero point. ``layers``: glob patterns over layer paths (e.g. ``"blocks.*.mlp.*"``)."""
+
+    activations: str = "none"
+    weight_granularity: str = "channel"
+    group_size: int = 128
+    act_granularity: str | None = None
+    act_symmetric: bool = True
+    observer: str = "minmax"
+    percentile: float = 99.99
+    layers: tuple[str, ...] = ("*",)
+
+    def __post_init__(self):
+        _check_choice("activations", self.activations, ACTIVATIONS)
+        _check_choice("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES)
+        _check_choice("observer", self.observer, OBSERVERS)
+        if self.act_granularity is None:
+            object.__setattr__(self, "act_granularity",
+                               "tensor" if self.activations == "static" else "token")
+        _check_choice("act_granularity", self.act_granularity, ACT_GRANULARITIES)
+        if self.activations == "static" and self.act_granularity != "tensor":
+            raise ValueError("Recipe act_granularity='token' needs activations='dynamic' "
+                             "(static activation scales are per tensor)")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"Recipe group_size={self.group_size!r}: expected a positive int")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"Recipe percentile={self.percentile!r}: expected a value in "
+                             f"(50, 100]")
+        if isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers):
+            raise TypeError(f"Recipe layers={self.layers!r}: expected a tuple of glob patterns")
+
+
+RECIPES = {
+    "int8-weight": Recipe(),
+    "int8-dynamic": Recipe(activations="dynamic"),
+    "int8-static": Recipe(activations="static"),
+}
+
+
+def as_recipe(recipe: str | Recipe) -> Recipe:
+    """``recipe`` as a :class:`Recipe` (a name from ``RECIPES`` or a ``Recipe``)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in RECIPES:
+        return RECIPES[recipe]
+    raise ValueError(f"quantize: unknown recipe {recipe!r}; expected one of {list(RECIPES)} "
+                     f"or a quant.Recipe")

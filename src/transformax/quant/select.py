@@ -1,0 +1,146 @@
+"""Int8 matmul kernel registry and selection: per-platform priorities, the ``kernel`` context
+manager and ``explain`` (the same pattern as ``transformax.attention.select``).
+
+Selection is by eligibility and a static priority per platform; there is no measured,
+per-host ordering yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import enum
+import importlib
+from collections.abc import Iterable, Iterator
+
+from transformax.attention.select import PLATFORMS
+from transformax.quant.problem import Problem
+
+
+class Kernel(str, enum.Enum):
+    """The int8 matmul kernels transformax knows."""
+
+    DEQUANT = "dequant"
+    XLA_INT8 = "xla_int8"
+    XLA_BF16 = "xla_bf16"
+    PALLAS_TRITON = "pallas_triton"
+
+
+PRIORITY = {
+    "cpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
+    "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
+    "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
+}
+
+_MISSING = {Kernel.PALLAS_TRITON: "not implemented yet (no GPU to verify it on; cuda runs "
+                                  "xla_int8)"}
+
+_allowed: contextvars.ContextVar[tuple[tuple[Kernel, ...], bool] | None] = (
+    contextvars.ContextVar("transformax_quant_kernel", default=None))
+
+
+def module(kernel_: Kernel):
+    """The module implementing ``kernel_``."""
+    return importlib.import_module(f"transformax.quant.kernels.{Kernel(kernel_).value}")
+
+
+@contextlib.contextmanager
+def kernel(kernels: Kernel | str | Iterable[Kernel | str],
+           set_priority: bool = False) -> Iterator[None]:
+    """Limits int8 matmuls traced inside the block to ``kernels``; with ``set_priority=True``
+    their order replaces the platform's priority."""
+    if isinstance(kernels, (Kernel, str)):
+        kernels = [kernels]
+    kernels = list(kernels)
+    try:
+        chosen = tuple(Kernel(k) for k in kernels)
+    except ValueError as err:
+        raise ValueError(f"quant.kernel: kernels must be quant.Kernel values, one of "
+                         f"{[k.value for k in Kernel]}; got {kernels!r}") from err
+    if not chosen:
+        raise ValueError("quant.kernel: kernels is empty; name at least one quant.Kernel")
+    token = _allowed.set((chosen, set_priority))
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
+def reasons_unsupported(kernel_: Kernel, problem: Problem, platform: str) -> list[str]:
+    if kernel_ not in PRIORITY[platform]:
+        return [f"not a {platform} kernel"]
+    if kernel_ in _MISSING:
+        return [_MISSING[kernel_]]
+    return module(kernel_).reasons_unsupported(problem, platform)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One kernel on one platform: allowed by ``quant.kernel``, chosen, why it cannot run."""
+
+    platform: str
+    kernel: Kernel
+    allowed: bool
+    reasons: tuple[str, ...]
+    chosen: bool = False
+
+    def describe(self) -> str:
+        if self.chosen:
+            return "chosen"
+        if not self.allowed:
+            return "excluded by quant.kernel"
+        return "cannot run: " + "; ".join(self.reasons) if self.reasons else "eligible"
+
+
+def verdicts(problem: Problem, platform: str) -> list[Verdict]:
+    """Every kernel for ``platform``, in the order the selector tries them."""
+    context = _allowed.get()
+    order = list(PRIORITY[platform])
+    if context is not None and context[1]:
+        order = list(context[0]) + [k for k in order if k not in context[0]]
+    order += [k for k in Kernel if k not in order]
+    rows, found = [], False
+    for k in order:
+        allowed = context is None or k in context[0]
+        reasons = tuple(reasons_unsupported(k, problem, platform))
+        chosen = allowed and not reasons and not found
+        found |= chosen
+        rows.append(Verdict(platform, k, allowed, reasons, chosen))
+    return rows
+
+
+def plan(problem: Problem) -> dict[str, Kernel | None]:
+    """The chosen kernel per platform (None where nothing can run)."""
+    return {p: next((v.kernel for v in verdicts(problem, p) if v.chosen), None)
+            for p in PLATFORMS}
+
+
+def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:
+    lines = [f"  {v.kernel.value}: {v.describe()}" for v in verdicts(problem, platform)]
+    return RuntimeError(f"{problem.describe()}: no kernel can run it on {platform}:\n"
+                        + "\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What ``quant.explain`` returns: a verdict per platform and kernel; ``str()`` is a
+    table."""
+
+    problem: Problem
+    rows: tuple[Verdict, ...]
+
+    def chosen(self, platform: str) -> Kernel | None:
+        return next((v.kernel for v in self.rows if v.platform == platform and v.chosen), None)
+
+    def __str__(self) -> str:
+        lines = [self.problem.describe()]
+        for platform in PLATFORMS:
+            lines.append(f"{platform}:")
+            lines += [f"  {v.kernel.value:<14} {v.describe()}"
+                      for v in self.rows if v.platform == platform]
+        return "\n".join(lines)
+
+
+def explanation(problem: Problem) -> Explanation:
+    return Explanation(problem, tuple(v for p in PLATFORMS for v in verdicts(problem, p)))
