@@ -1,4 +1,5 @@
-"""Finding ``nn.linear`` layers in any parameter pytree, by dotted path (``blocks.0.mlp.fc``)."""
+"""Finding ``nn.linear`` layers in any parameter pytree, by dotted path (``blocks.0.mlp.fc``;
+``<root>`` for a bare layer)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def map_layers(fn: Callable[[str, dict], dict], params):
     def visit(path, node):
         if not is_layer(node):
             return node
-        return fn(jax.tree_util.keystr(path, simple=True, separator="."), node)
+        return fn(jax.tree_util.keystr(path, simple=True, separator=".") or "<root>", node)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_layer)
 

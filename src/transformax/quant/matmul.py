@@ -26,19 +26,15 @@ def _flatten(x, qw: QuantizedWeight) -> jax.Array:
 
 def matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     """``x @ w`` for ``x (..., K)`` and the quantized ``(K, N)`` weight, in ``x``'s dtype, by
-    the kernel the selector picks for each platform (see ``quant.explain``)."""
+    the kernel the selector picks for the default backend's platform (see ``quant.explain``).
+    """
     x2 = _flatten(x, qw)
     problem = Problem.of(x2, qw)
-    chosen = select.plan(problem)
     platform = current_platform()
-    if chosen.get(platform) is None:
+    chosen = select.plan(problem)[platform]
+    if chosen is None:
         raise select.no_kernel_error(problem, platform)
-    run = {p: (lambda x_, w_, k=k: select.module(k).matmul(problem, x_, w_))
-           for p, k in chosen.items() if k is not None}
-    if len({k for k in chosen.values() if k is not None}) == 1:
-        y = run[platform](x2, qw)
-    else:
-        y = jax.lax.platform_dependent(x2, qw, **run)
+    y = select.module(chosen).matmul(problem, x2, qw)
     return y.astype(x2.dtype).reshape(*jnp.shape(x)[:-1], qw.shape[1])
 
 

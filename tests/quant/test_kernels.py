@@ -1,0 +1,115 @@
+"""Every int8 matmul kernel against dequantize-then-matmul written here in NumPy (and torch's
+per-tensor activation quantization); selection, ``quant.kernel`` and ``explain``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from transformax import nn, quant
+
+M, K, N = 8, 64, 48
+RNG = np.random.RandomState(0)
+W = RNG.standard_normal((K, N)).astype(np.float32)
+X = (RNG.standard_normal((M, K)) * np.linspace(0.1, 10, M)[:, None] + 0.5).astype(np.float32)
+linear = jax.jit(nn.linear)
+
+RECIPES = {
+    "dynamic": quant.Recipe(activations="dynamic"),
+    "dynamic-asym": quant.Recipe(activations="dynamic", act_symmetric=False),
+    "dynamic-tensor": quant.Recipe(activations="dynamic", act_granularity="tensor"),
+    "dynamic-wtensor": quant.Recipe(activations="dynamic", weight_granularity="tensor"),
+    "weight": quant.Recipe(),
+    "weight-group": quant.Recipe(weight_granularity="group", group_size=16),
+}
+
+
+def quantize_rows(x, symmetric, per_token):
+    """NumPy activation fake-quantization: int8 round-to-nearest, per token or per tensor."""
+    axis, keep = (1, True) if per_token else (None, False)
+    if symmetric:
+        s = np.abs(x).max(axis, keepdims=keep) / 127
+        return np.clip(np.round(x / s), -127, 127) * s
+    lo, hi = np.minimum(x.min(axis, keepdims=keep), 0), np.maximum(x.max(axis, keepdims=keep), 0)
+    s = (hi - lo) / 255
+    z = np.round(-128 - lo / s)
+    return (np.clip(np.round(x / s) + z, -128, 127) - z) * s
+
+
+def reference(recipe, qw):
+    w = np.asarray(qw.dequantize(), np.float64)
+    if recipe.activations == "none":
+        return X @ w
+    return quantize_rows(X, recipe.act_symmetric, recipe.act_granularity == "token") @ w
+
+
+def eligible_on_cpu(qw):
+    rows = quant.explain(X, qw).rows
+    return [v.kernel for v in rows if v.platform == "cpu" and not v.reasons]
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_kernel_matches_dequantize_then_matmul(name):
+    recipe = RECIPES[name]
+    qparams = quant.quantize({"w": jnp.asarray(W)}, recipe)
+    kernels = eligible_on_cpu(qparams["w"])
+    assert quant.Kernel.DEQUANT in kernels
+    assert (quant.Kernel.XLA_INT8 in kernels) == (recipe.activations != "none"
+                                                  and recipe.weight_granularity != "group")
+    ref = reference(recipe, qparams["w"])
+    for k in kernels:
+        with quant.kernel([k]):
+            y = np.asarray(linear(qparams, jnp.asarray(X)))
+        np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max(),
+                                   err_msg=f"kernel {k.value}")
+
+
+def test_per_tensor_asymmetric_activations_match_torch():
+    recipe = quant.Recipe(activations="dynamic", act_granularity="tensor", act_symmetric=False)
+    qparams = quant.quantize({"w": jnp.asarray(W)}, recipe)
+    xq = torch.quantize_per_tensor_dynamic(torch.from_numpy(X), torch.quint8, False)
+    ref = xq.dequantize().double().numpy() @ np.asarray(qparams["w"].dequantize(), np.float64)
+    np.testing.assert_allclose(linear(qparams, jnp.asarray(X)), ref, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def test_jit_matches_eager_and_keeps_shape_and_dtype():
+    qparams = quant.quantize({"w": jnp.asarray(W), "b": jnp.ones(N)}, "int8-dynamic")
+    x = jnp.asarray(X.reshape(2, 4, K))
+    assert qparams["w"].name == "<root>"
+    with jax.disable_jit():
+        eager = nn.linear(qparams, x)
+    jitted = linear(qparams, x)
+    assert jitted.shape == (2, 4, N) and jitted.dtype == jnp.float32
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-5)
+    assert linear({"w": qparams["w"]}, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_selection_explain_and_kernel_context():
+    qw = quant.quantize({"w": jnp.asarray(W)}, "int8-dynamic")["w"]
+    e = quant.explain(X, qw)
+    assert e.chosen("cpu") == quant.Kernel.XLA_INT8 and e.chosen("tpu") == quant.Kernel.XLA_INT8
+    text = str(e)
+    assert "int8 matmul '<root>': (8, 64) @ (64, 48)" in text
+    assert "pallas_triton  cannot run: not implemented yet" in text
+    with quant.kernel(["dequant", "xla_bf16"], set_priority=True):
+        assert quant.explain(X, qw).chosen("cpu") == quant.Kernel.DEQUANT
+    with quant.kernel("xla_bf16"):
+        e = quant.explain(X, qw)
+        assert e.chosen("cpu") == quant.Kernel.XLA_BF16
+        assert "xla_int8       excluded by quant.kernel" in str(e)
+    weight_only = quant.quantize({"w": jnp.asarray(W)}, "int8-weight")
+    with quant.kernel(["xla_int8"]), pytest.raises(
+            RuntimeError, match=r"no kernel can run it on cpu:\n.*xla_int8: cannot run: "
+                                r"weight-only recipe"):
+        nn.linear(weight_only, jnp.asarray(X))
+
+
+@pytest.mark.parametrize("kernels, message", [
+    (["cutlass"], r"quant.kernel: kernels must be quant.Kernel values.*'cutlass'"),
+    ([], "quant.kernel: kernels is empty"),
+])
+def test_kernel_context_errors(kernels, message):
+    with pytest.raises(ValueError, match=message), quant.kernel(kernels):
+        pass
