@@ -84,6 +84,7 @@ def test_jit_matches_eager_and_keeps_shape_and_dtype():
     assert jitted.shape == (2, 4, N) and jitted.dtype == jnp.float32
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-5)
     assert linear({"w": qparams["w"]}, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(nn.linear(qparams, np.asarray(x)), eager)  # NumPy input
 
 
 def test_selection_explain_and_kernel_context():

@@ -25,6 +25,8 @@ class Observer:
     record: Callable
     percentile: float | None
 
+    __array_ufunc__ = None  # NumPy arrays defer ``x @ observer`` to ``__rmatmul__``
+
     def __rmatmul__(self, x):
         x32 = jnp.asarray(x, jnp.float32)
         if self.percentile is None:

@@ -28,6 +28,8 @@ class QuantizedWeight:
     act_symmetric: bool = True
     dtype: str = "float32"
 
+    __array_ufunc__ = None  # NumPy arrays defer ``x @ qw`` to ``__rmatmul__``
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.values.shape
