@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +134,10 @@ def test_sample_support_and_jit_parity():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(temperature=0.5), ValueError, "sampling with temperature=0.5 needs rng="),
-    (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number >= 0 "
+                                                 r"\(0 = greedy\), got nan"),
+    (dict(temperature=1.0, top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\], got nan"),
     (dict(temperature=0, top_k=0), ValueError, "top_k must be >= 1, got 0"),
     (dict(temperature=0, top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1.5"),
     (dict(temperature=0, lengths=[8, 0]), ValueError, r"lengths must be \(2,\) with values in \[1, 8\]"),
@@ -144,7 +148,7 @@ def test_generate_errors(gpt_model, prompts, kwargs, error, message):
     module, params, cfg = gpt_model
     with pytest.raises(error, match=message):
         generate.generate(module, params, cfg, prompts, **{"max_new_tokens": 4, **kwargs})
-    with pytest.raises(ValueError, match=r"prompts must be an integer \(B, T\) array"):
+    with pytest.raises(ValueError, match=r"prompts must be a non-empty integer \(B, T\) array"):
         generate.generate(module, params, cfg, prompts[0], max_new_tokens=4, temperature=0)
 
 
@@ -166,3 +170,56 @@ def test_command_on_hugging_face_folder(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(i) for i in np.asarray(expected)[0] if i >= 0]
     assert cli.generate_main([str(tmp_path), "--prompt", "hi"]) == 1
     assert "has no tokenizer: pass the prompt as --ids" in capsys.readouterr().err
+
+
+def test_greedy_generate_matches_repeated_full_sequence_argmax(model, prompts):
+    """The reference recomputes every step from scratch (no cache): each new token is the argmax
+    of ``apply`` over the prompt and the tokens generated so far (zero-padded to one shape;
+    causal attention keeps the padding out of earlier positions)."""
+    module, params, cfg = model
+    out = np.asarray(generate.generate(module, params, cfg, prompts, lengths=LENGTHS,
+                                       max_new_tokens=6, temperature=0))
+    for row, n in enumerate(LENGTHS):
+        seq = np.zeros((1, 14), np.int32)
+        seq[0, :n] = prompts[row, :n]
+        for i in range(n, n + 6):
+            seq[0, i] = np.argmax(apply(module, params, seq, cfg)[0, i - 1])
+        np.testing.assert_array_equal(out[row], seq[0, n:n + 6])
+
+
+@pytest.mark.parametrize("bad, index", [(96, (0, 2)), (-1, (1, 5))])
+def test_out_of_vocabulary_prompts_are_refused(gpt_model, prompts, bad, index):
+    module, params, cfg = gpt_model
+    tokens = prompts.copy()
+    tokens[index] = bad
+    message = f"prompts: token id {bad} at index {index} is outside the model's vocabulary [0, 96)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate.generate(module, params, cfg, tokens, max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match=r"tokens: token id .* outside the model's vocabulary"):
+        module.apply(params, tokens, cfg)
+
+
+def test_empty_prompts_are_refused(gpt_model):
+    module, params, cfg = gpt_model
+    for empty in (np.zeros((0, 4), np.int32), np.zeros((2, 0), np.int32)):
+        with pytest.raises(ValueError, match=r"non-empty integer \(B, T\) array, got shape"):
+            generate.generate(module, params, cfg, empty, max_new_tokens=2, temperature=0)
+
+
+def test_apply_cached_refuses_to_run_past_the_cache(gpt_model, prompts):
+    module, params, cfg = gpt_model
+    cache = module.init_cache(cfg, 2, 10)
+    _, cache = module.apply_cached(params, prompts, cfg, cache, lengths=LENGTHS)  # pos 8 and 3
+    _, full = module.apply_cached(params, prompts[:, :2], cfg, cache)  # pos 10 and 5
+    with pytest.raises(ValueError, match="1 tokens do not fit the cache: a row already holds 10 "
+                                         "of its max_len=10 positions"):
+        module.apply_cached(params, prompts[:, :1], cfg, full)
+
+
+def test_the_module_is_callable_as_generate(gpt_model, prompts):
+    import transformax as tfx
+
+    module, params, cfg = gpt_model
+    kwargs = dict(lengths=LENGTHS, max_new_tokens=3, temperature=0)
+    np.testing.assert_array_equal(tfx.generate(module, params, cfg, prompts, **kwargs),
+                                  generate.generate(module, params, cfg, prompts, **kwargs))

@@ -8,10 +8,15 @@ Works with any decoder module exposing ``init_cache(cfg, batch, max_len)`` and
 from __future__ import annotations
 
 import functools
+import math
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from transformax.models import _common
 
 
 def sample(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 1.0,
@@ -39,8 +44,9 @@ def sample(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 1.0
 
 
 def _check_sampling(temperature, top_k, top_p, rng):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -62,11 +68,13 @@ def generate(model, params, cfg, prompts: jax.Array, *, max_new_tokens: int,
     their own positions in one batch. After ``eos_id`` a row emits ``pad_id``; the loop stops
     early once every row has ended. Sampling as :func:`sample`; the same ``rng`` gives the same
     tokens. The cache holds ``T + max_new_tokens`` positions, which must fit the model.
+    Concrete ``prompts`` (not traced) must hold ids in ``[0, cfg.vocab_size)``, padding too.
     """
     prompts = jnp.asarray(prompts)
-    if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
-        raise ValueError(f"prompts must be an integer (B, T) array, got shape {prompts.shape} "
-                         f"dtype {prompts.dtype}")
+    if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer) or 0 in prompts.shape:
+        raise ValueError(f"prompts must be a non-empty integer (B, T) array, got shape "
+                         f"{prompts.shape} dtype {prompts.dtype}")
+    _common.check_token_ids(prompts, cfg.vocab_size, "prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b, t = prompts.shape
@@ -106,9 +114,20 @@ def _generate(model, params, cfg, prompts, lengths, rng, eos_id, pad_id, *, max_
 
     def body(carry):
         step, tokens, cache, out, done = carry
-        logits, cache = model.apply_cached(params, tokens[:, None], cfg, cache)
+        fed = jnp.where(done, 0, tokens)  # ended rows (holding pad_id) feed a valid dummy id
+        logits, cache = model.apply_cached(params, fed[:, None], cfg, cache)
         tokens = jnp.where(done, pad_id, pick(logits[:, 0], step))
         out = jax.lax.dynamic_update_slice_in_dim(out, tokens[:, None], step, axis=1)
         return step + 1, tokens, cache, out, done | ended(tokens)
 
     return jax.lax.while_loop(cond, body, (1, first, cache, out, ended(first)))[3]
+
+
+class _CallableModule(types.ModuleType):
+    """``transformax.generate(...)`` is :func:`generate` (the module is also callable)."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

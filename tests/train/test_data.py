@@ -49,7 +49,8 @@ def test_bin_source(tmp_path, dtype):
     np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)  # consecutive tokens
     (tmp_path / "val.bin").unlink()
     with pytest.raises(ValueError, match="val.bin"):
-        data.load_corpus(DataConfig(source="bin", path=str(tmp_path), dtype=dtype, seq_len=16))
+        data.load_corpus(DataConfig(source="bin", path=str(tmp_path), dtype=dtype,
+                                    vocab_size=1300, seq_len=16))
 
 
 def test_lm_batches_are_a_function_of_seed_and_step():
@@ -78,3 +79,33 @@ def test_mlm_batch():
     assert abs(masked.mean() - 0.8) < 0.03 and 0.07 < kept.mean() < 0.14
     assert b["inputs"].max() <= 256
     np.testing.assert_array_equal(batches(0)["inputs"], b["inputs"])
+
+
+def _bin(folder, train, val=None, dtype="uint16"):
+    np.asarray(train, dtype).tofile(folder / "train.bin")
+    np.asarray(np.arange(100) if val is None else val, dtype).tofile(folder / "val.bin")
+    return DataConfig(source="bin", path=str(folder), dtype="uint16", vocab_size=300, seq_len=8)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: _bin(d, np.arange(100) + 250),
+     r"train.bin holds token id 300 at index 50 \(the largest is 349\), outside "
+     r"data.vocab_size=300"),
+    (lambda d: _bin(d, np.arange(100), np.arange(100), "uint32"),
+     "every second uint16 token is 0, as when uint32 tokens are read as uint16; set "
+     "data.dtype=uint32"),
+    (lambda d: ((d / "train.bin").write_bytes(b"\x01\x00\x02"), _bin(d, [], np.arange(100)))[1],
+     "train.bin is empty"),
+    (lambda d: (_bin(d, np.arange(100)), (d / "val.bin").write_bytes(b"\x01\x00\x02"))[0],
+     "val.bin has 3 bytes, not a whole number of data.dtype=uint16 tokens"),
+    (lambda d: _bin(d, np.arange(5)), "the training split has 5 tokens, too few for "
+                                      "data.seq_len=8"),
+    (lambda d: DataConfig(source="text", path=str(d / "missing.txt")),
+     "missing.txt': no such file or folder"),
+    (lambda d: ((d / "empty.txt").write_text(""),
+                DataConfig(source="text", path=str(d / "empty.txt"), seq_len=8))[1],
+     "the training split has 0 tokens"),
+])
+def test_unusable_data_is_refused_naming_the_file(tmp_path, setup, message):
+    with pytest.raises(data.ConfigError, match=message):
+        data.load_corpus(setup(tmp_path))

@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformax.attention import causal_upper_left
 from transformax.nn import kv_cache
@@ -24,6 +25,20 @@ def check_tokens(tokens: jax.Array, max_len: int, max_len_name: str) -> None:
     if tokens.shape[1] > max_len:
         raise ValueError(f"tokens has length {tokens.shape[1]}, more than the model's "
                          f"{max_len_name}={max_len}")
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
+    """Raise naming the first id of concrete ``tokens`` outside ``[0, vocab_size)``. Traced
+    ``tokens`` (inside ``jit``) are not checked: there an id ``>= vocab_size`` embeds as NaN
+    and a negative one wraps round (JAX's out-of-bounds gather)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    tokens = np.asarray(tokens)
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: token id {tokens[where]} at index {where} is outside the "
+                         f"model's vocabulary [0, {vocab_size})")
 
 
 def padding_mask(attention_mask: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -58,6 +73,7 @@ def decoder_apply(forward, params, tokens: jax.Array, cfg, max_len_name: str,
     """The decoders' ``apply`` on their ``_forward`` (see :func:`apply_cached`): causal over
     ``tokens`` at positions ``0..T-1``, with padding keys masked by ``attention_mask``."""
     check_tokens(tokens, getattr(cfg, max_len_name), max_len_name)
+    check_token_ids(tokens, cfg.vocab_size)
     logits, _ = forward(params, tokens, jnp.arange(tokens.shape[1]), cfg, cache=None,
                         train=train, rng=rng, **causal_mask(attention_mask, tokens))
     return logits
@@ -79,9 +95,14 @@ def apply_cached(forward, params, tokens: jax.Array, cfg, cache: kv_cache.KVCach
     """The decoders' ``apply_cached`` on their ``_forward(params, tokens, positions, cfg, *,
     mask, is_causal, cache, train, rng) -> (logits, [(keys, values) per layer])``: ``tokens``
     at absolute positions ``cache.pos[b] + i`` under the cache mask; ``pos`` advances by
-    ``lengths`` (default ``T``)."""
+    ``lengths`` (default ``T``). Concrete ids and ``pos`` are checked: in the vocabulary, and
+    ``pos + T <= max_len`` (under ``jit`` a write past the cache is not caught)."""
     check_tokens(tokens, cache.max_len, "cache max_len")
+    check_token_ids(tokens, cfg.vocab_size)
     t = tokens.shape[1]
+    if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos.max()) + t > cache.max_len:
+        raise ValueError(f"{t} tokens do not fit the cache: a row already holds "
+                         f"{int(cache.pos.max())} of its max_len={cache.max_len} positions")
     positions = cache.pos[:, None] + jnp.arange(t, dtype=cache.pos.dtype)
     logits, kvs = forward(params, tokens, positions, cfg,
                           mask=kv_cache.cache_mask(cache.pos, t, cache.max_len), is_causal=False,

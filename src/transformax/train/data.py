@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transformax.train.config import DataConfig
+from transformax.train.config import ConfigError, DataConfig
 
 TRAIN, EVAL = 0, 1  # the two random streams: training batches, held-out batches
 
@@ -37,18 +37,25 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """The token streams ``cfg`` describes; raises ``ValueError`` naming the path if unusable."""
+    """The token streams ``cfg`` describes; raises :class:`ConfigError` naming the path and the
+    problem if unusable (missing, unreadable, empty, too short, a ``.bin`` whose size or token
+    ids do not fit ``data.dtype`` / ``data.vocab_size``)."""
     if cfg.source == "bin":
         corpus = _bin_corpus(Path(cfg.path), np.dtype(cfg.dtype), cfg.vocab_size)
     else:
         files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
-        data = _read_bytes(tuple(files))
+        try:
+            data = _read_bytes(tuple(files))
+        except OSError as e:
+            raise ConfigError(f"data.path={cfg.path!r}: cannot read {e.filename} "
+                              f"({e.strerror})") from None
         n_val = max(1, int(len(data) * cfg.val_fraction))
         corpus = Corpus(data[:-n_val], data[-n_val:], 256, True)
     for name, split in (("training", corpus.train), ("held-out", corpus.val)):
         if len(split) <= cfg.seq_len + 1:
-            raise ValueError(f"data.path={cfg.path!r}: the {name} split has {len(split)} tokens, "
-                             f"too few for data.seq_len={cfg.seq_len}")
+            raise ConfigError(f"data.path={cfg.path!r}: the {name} split has {len(split)} "
+                              f"tokens, too few for data.seq_len={cfg.seq_len} (needs more "
+                              f"than {cfg.seq_len + 1})")
     return corpus
 
 
@@ -69,10 +76,12 @@ def text_files(pattern: str) -> list[Path]:
         return [path]
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file()]
-    else:
+    elif glob.has_magic(pattern):
         files = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    else:
+        raise ConfigError(f"data.path={pattern!r}: no such file or folder")
     if not files:
-        raise ValueError(f"data.path={pattern!r}: no files there")
+        raise ConfigError(f"data.path={pattern!r}: no files there")
     return sorted(files)
 
 
@@ -84,12 +93,34 @@ def _read_bytes(files: tuple[Path, ...]) -> np.ndarray:
 
 
 def _bin_corpus(folder: Path, dtype: np.dtype, vocab_size: int) -> Corpus:
-    splits = []
-    for name in ("train.bin", "val.bin"):
-        if not (folder / name).is_file():
-            raise ValueError(f"data.path={str(folder)!r}: expected {name} there (nanoGPT layout)")
-        splits.append(np.memmap(folder / name, dtype=dtype, mode="r"))
-    return Corpus(*splits, vocab_size, False)
+    return Corpus(*(_bin_tokens(folder / name, dtype, vocab_size)
+                    for name in ("train.bin", "val.bin")), vocab_size, False)
+
+
+def _bin_tokens(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray:
+    """The tokens of one ``.bin`` file, memory-mapped, after checking that its size and token
+    ids fit ``data.dtype`` and ``data.vocab_size``."""
+    where = f"data.path={str(path.parent)!r}: {path.name}"
+    if not path.is_file():
+        raise ConfigError(f"data.path={str(path.parent)!r}: expected {path.name} there "
+                          f"(nanoGPT layout: train.bin and val.bin)")
+    size = path.stat().st_size
+    if size == 0:
+        raise ConfigError(f"{where} is empty")
+    if size % dtype.itemsize:
+        raise ConfigError(f"{where} has {size} bytes, not a whole number of data.dtype="
+                          f"{dtype.name} tokens ({dtype.itemsize} bytes each)")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    top = int(tokens.max())
+    if top >= vocab_size:
+        first = int(np.argmax(tokens >= vocab_size))
+        raise ConfigError(f"{where} holds token id {tokens[first]} at index {first} (the "
+                          f"largest is {top}), outside data.vocab_size={vocab_size}; is "
+                          f"data.dtype={dtype.name} the dtype it was written with?")
+    if dtype == np.uint16 and len(tokens) >= 16 and not tokens[1::2].any():
+        raise ConfigError(f"{where}: every second uint16 token is 0, as when uint32 tokens are "
+                          f"read as uint16; set data.dtype=uint32")
+    return tokens
 
 
 def _rng(seed: int, stream: int, step: int) -> np.random.Generator:
