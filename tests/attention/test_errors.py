@@ -34,9 +34,19 @@ def test_bad_input_is_named(args, kwargs, error, pattern):
         tfx.sdpa(*args, **kwargs)
 
 
-def test_traced_scale_is_rejected_clearly():
-    with pytest.raises(TypeError, match="scale must be a Python float"):
-        jax.jit(lambda s: tfx.sdpa(Q, K, V, scale=s))(0.5)
+@pytest.mark.parametrize("name, message", [
+    ("scale", "scale must be a Python float"), ("dropout_p", "dropout_p must be a Python float"),
+    ("is_causal", "is_causal must be a Python bool"),
+])
+def test_traced_static_arguments_are_rejected_clearly(name, message):
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda x: tfx.sdpa(Q, K, V, **{name: x}, dropout_rng=jax.random.key(0)))(0.5)
+
+
+def test_head_dim_zero_is_refused():
+    with pytest.raises(ValueError, match=r"query \(shape \(2, 4, 8, 0\), dtype float32\) has "
+                                         r"head dim \(E\) 0; expected >= 1"):
+        tfx.sdpa(Q[..., :0], K[..., :0], V)
 
 
 def test_no_kernel_error_lists_every_kernel():

@@ -51,12 +51,15 @@ class _Call:
         if q.dtype not in _FLOATS:
             raise TypeError(f"sdpa: {_desc('query', q)} must be float32, bfloat16, float16 "
                             f"or float64")
+        if q.shape[-1] == 0:
+            raise ValueError(f"sdpa: {_desc('query', q)} has head dim (E) 0; expected >= 1")
         if q.shape[-1] != k.shape[-1]:
             raise ValueError(f"sdpa: the last dim (E) of {_desc('query', q)} and "
                              f"{_desc('key', k)} must match")
         if k.shape[-2] != v.shape[-2]:
             raise ValueError(f"sdpa: the sequence dim (S) of {_desc('key', k)} and "
                              f"{_desc('value', v)} must match")
+        dropout_p, is_causal = _concrete(dropout_p, "dropout_p"), _static_bool(is_causal)
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"sdpa: dropout_p must be in [0, 1); got {dropout_p!r}")
         if dropout_p > 0.0 and dropout_rng is None:
@@ -166,6 +169,14 @@ def _concrete(value, name: str) -> float:
         return float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
         raise TypeError(f"sdpa: {name} must be a Python float (it is part of the compiled "
+                        f"kernel); got {value!r}") from None
+
+
+def _static_bool(value) -> bool:
+    try:
+        return bool(value)
+    except jax.errors.ConcretizationTypeError:
+        raise TypeError(f"sdpa: is_causal must be a Python bool (it selects the compiled "
                         f"kernel); got {value!r}") from None
 
 
