@@ -12,10 +12,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+# vma typing: jax.extend has no public API for it.
+from jax._src import config, core
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from transformax.attention import select
+from transformax.attention import partition, select
 from transformax.attention.backends import math as math_kernel
 from transformax.attention.problem import Problem
 
@@ -62,34 +64,51 @@ def _kernel_name(problem: Problem, plan: Plan, platform: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(prim, problem: Problem, name: str):
-    return jax.jit(functools.partial(_RUNNERS[prim], problem, name))
+def _compiled(prim, problem: Problem, plan: Plan):
+    return jax.jit(functools.partial(prim.bind, problem=problem, plan=plan))
 
 
 def _impl(prim):
-    def impl(*args, problem, plan):
-        name = _kernel_name(problem, plan, current_platform())
-        return tuple(_compiled(prim, problem, name)(*args))
+    def impl(*args, problem, plan):  # compiled through the lowering rules, also without jit
+        with jax.disable_jit(False):
+            return tuple(_compiled(prim, problem, plan)(*args))
     return impl
+
+
+def _like(aval, shape, dtype, spec):
+    """An aval of ``shape``/``dtype`` on ``aval``'s mesh with partition ``spec``, keeping its
+    varying manual axes (so the op types check inside ``shard_map`` and on explicit meshes)."""
+    return aval.update(shape=shape, dtype=dtype, weak_type=False,
+                       sharding=aval.sharding.update(spec=spec))
 
 
 def _forward_abstract(*args, problem, plan):
     q = args[0]
+    core.standard_vma_rule(forward_p.name, *args)
     rows = (problem.batch, problem.q_heads, problem.q_len)
-    return (jax.core.ShapedArray((*rows, problem.v_head_dim), q.dtype),
-            jax.core.ShapedArray(rows, problem.acc_dtype))
+    spec = tuple(q.sharding.spec) + (None,) * (4 - len(q.sharding.spec))
+    return (_like(q, (*rows, problem.v_head_dim), q.dtype, (*spec[:3], None)),
+            _like(q, rows, problem.acc_dtype, spec[:3]))
 
 
 def _backward_abstract(*args, problem, plan):
-    q, k, v, *_ = args
-    return tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in (q, k, v))
+    core.standard_vma_rule(backward_p.name, *args)
+    return tuple(x.update(weak_type=False) for x in args[:3])
+
+
+def _plain(aval):
+    return jax.core.ShapedArray(aval.shape, aval.dtype)
 
 
 def _lowering(prim, platform):
     def rule(ctx, *args, problem, plan):
         name = _kernel_name(problem, plan, platform)
         run = functools.partial(_RUNNERS[prim], problem, name)
-        return mlir.lower_fun(run, multiple_results=True)(ctx, *args)
+        # The kernel is a local computation: trace it on plain (unsharded, invariant) types.
+        ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
+                          avals_out=[_plain(a) for a in ctx.avals_out])
+        with config._check_vma(False):
+            return mlir.lower_fun(run, multiple_results=True)(ctx, *args)
     return rule
 
 
@@ -154,14 +173,42 @@ def _operands(q, k, v, mask, seed):
     return [x for x in (q, k, v, mask, seed) if x is not None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def attention(problem: Problem, plan: Plan, q, k, v, mask, seed):
-    """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform."""
+    """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform.
+
+    On a mesh with explicit axes it runs on each device's batch/head shard
+    (``partition.explicit``). Inside ``shard_map`` the operands are first made to vary over the
+    same manual axes (autodiff sums their cotangents back)."""
+    local = functools.partial(_local_attention, plan)
+    sharded = partition.explicit(problem, local, q, k, v, mask, seed)
+    return local(problem, q, k, v, mask, seed) if sharded is None else sharded
+
+
+def _local_attention(plan: Plan, problem: Problem, *operands):
+    return _attention(problem, plan, *_same_varying_axes(*operands))
+
+
+def _varying(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10+; earlier jax calls it vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _same_varying_axes(*args):
+    axes = frozenset().union(*(_varying(x) for x in args if x is not None))
+    if not axes:
+        return args
+    return tuple(x if x is None or not (missing := axes - _varying(x))
+                 else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(problem: Problem, plan: Plan, q, k, v, mask, seed):
     return tuple(forward_p.bind(*_operands(q, k, v, mask, seed), problem=problem, plan=plan))
 
 
 def _attention_fwd(problem, plan, q, k, v, mask, seed):
-    out, lse = attention(problem, plan, q, k, v, mask, seed)
+    out, lse = _attention(problem, plan, q, k, v, mask, seed)
     return (out, lse), (q, k, v, mask, seed, out, lse)
 
 
@@ -176,4 +223,4 @@ def _attention_bwd(problem, plan, residuals, cotangents):
     return dq, dk, dv, dmask, None
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)

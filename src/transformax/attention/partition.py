@@ -1,0 +1,98 @@
+"""How the attention op splits over a device mesh: each device runs the kernel on its own batch
+and head shard. Sequences are never split (that is context parallelism, e.g. ring attention,
+which this op does not do).
+
+``explicit`` handles meshes with explicit axes (shardings are part of the types): the op runs
+under a ``shard_map`` over the batch/head axes of the query's sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from transformax.attention.problem import Problem
+
+_DIMS = ("batch", "head", "sequence", "head_dim")
+
+
+def _spec(x) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _size(mesh, entry) -> int:
+    return math.prod(mesh.shape[a] for a in _axes(entry))
+
+
+def explicit(problem: Problem, fn, q, k, v, mask, seed):
+    """``fn(local_problem, q, k, v, mask, seed) -> (out, lse)`` run on each device's batch/head
+    shard in a ``shard_map``, returning the global ``(out, lse)``; None (nothing run) when the
+    query is not sharded over explicit mesh axes."""
+    mesh = jax.typeof(q).sharding.mesh
+    if mesh.empty or not mesh.explicit_axes or all(e is None for e in _spec(q)):
+        return None
+    batch, heads, *_ = _spec(q)
+    n_batch, n_heads = _size(mesh, batch), _size(mesh, heads)
+    split_kv = heads is not None and problem.kv_heads > 1
+    if split_kv and problem.kv_heads % n_heads:
+        raise ValueError(f"sdpa: the query heads are split {n_heads} ways over {heads!r} but "
+                         f"the {problem.kv_heads} key/value heads do not divide by {n_heads}")
+    q_spec = (batch, heads, None, None)
+    kv_spec = (batch, heads if split_kv else None, None, None)
+    named = [("query", q, q_spec), ("key", k, kv_spec), ("value", v, kv_spec)]
+    if mask is not None:
+        bm, hm = problem.mask_shape[:2]
+        named.append(("attn_mask", mask, (batch if bm > 1 else None, heads if hm > 1 else None,
+                                          None, None)))
+    operands = [_resharded(mesh, *x) for x in named]
+    specs = [P(*spec) for *_, spec in named]
+    local = dataclasses.replace(
+        problem, batch=problem.batch // n_batch, q_heads=problem.q_heads // n_heads,
+        kv_heads=problem.kv_heads // (n_heads if split_kv else 1),
+        mask_shape=None if mask is None else tuple(
+            d // _size(mesh, e) for d, e in zip(problem.mask_shape, named[-1][2])))
+    shard_axes = _axes(batch) + _axes(heads)
+
+    def body(*args):
+        q, k, v, *rest = args
+        m = rest.pop(0) if mask is not None else None
+        s = rest.pop(0) if seed is not None else None
+        if s is not None:  # an independent dropout stream per shard
+            index = jax.lax.axis_index(shard_axes).astype(jnp.uint32)
+            s = s ^ jnp.stack([index * jnp.uint32(0x9E3779B9), jnp.uint32(0)])
+        return fn(local, q, k, v, m, s)
+
+    if seed is not None:
+        operands.append(seed)
+        specs.append(P())
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
+                         out_specs=(P(*q_spec), P(*q_spec[:3])),
+                         axis_names=set(shard_axes))(*operands)
+
+
+def _resharded(mesh, name: str, x, spec: tuple):
+    """``x`` placed as ``spec``: dims it does not split yet are split (a local slice); a dim
+    split otherwise is an error, naming the context-parallel layout for sequence dims."""
+    have = _spec(x)
+    for dim, (got, want) in enumerate(zip(have, spec)):
+        if want is not None and x.shape[dim] % _size(mesh, want):
+            raise ValueError(f"sdpa: {name} (shape {tuple(x.shape)}): its {_DIMS[dim]} dim "
+                             f"does not divide over mesh axes {want!r}")
+        if got is None or got == want:
+            continue
+        hint = ("sdpa splits over batch and heads only: reshard the sequence whole, or use a "
+                "context-parallel (ring attention) layout" if _DIMS[dim] == "sequence" else
+                f"shard it like the query, {P(*spec)}")
+        raise ValueError(f"sdpa: {name} (shape {tuple(x.shape)}) is sharded {P(*have)} on an "
+                         f"explicit mesh: its {_DIMS[dim]} dim is split over {got!r}; {hint}")
+    return x if have == spec else jax.sharding.reshard(x, P(*spec))
+
