@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import transformax as tfx
 from transformax.attention.backends import pallas_common
@@ -26,25 +27,30 @@ def attend_grad(q, k, v):
     return jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
 
-def _gpu_target():
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                   platform="cuda")
+
+
+def _abstract_mesh(shape=(1,), names=("x",)):
     """Lowering Triton for cuda needs a GPU model; without a GPU, name an H100 (JAX 0.11 reads
     it from the abstract mesh; 0.10 falls back to sm90 by itself)."""
+    return jax.sharding.AbstractMesh(shape, names, (AxisType.Explicit,) * len(shape),
+                                     abstract_device=H100)
+
+
+def _gpu_target():
     try:
         jax.devices("gpu")
         return contextlib.nullcontext()
     except RuntimeError:
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                             platform="cuda")
-        mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                         abstract_device=device)
-        return jax.sharding.use_abstract_mesh(mesh)
+        return jax.sharding.use_abstract_mesh(_abstract_mesh())
 
 
-def lowered(fn, platforms) -> str:
+def lowered(fn, platforms, shape=SHAPE, target=None) -> str:
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-    with _gpu_target():
+    with target or _gpu_target():
         exported = export.export(jax.jit(fn), platforms=platforms, disabled_checks=checks)(
-            SHAPE, SHAPE, SHAPE)
+            shape, shape, shape)
     return exported.mlir_module()
 
 
@@ -83,3 +89,19 @@ def test_multi_platform_lowering():
     assert module.count(TRITON_CALL) == 3 and module.count(MOSAIC_CALL) == 3
     assert "stablehlo.case" in module
     assert lowered(attend, ["cpu", "cuda"]).count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("platform, call", [("cuda", TRITON_CALL), ("tpu", MOSAIC_CALL)])
+def test_sharded_lowering_runs_each_kernel_on_its_shard(platform, call):
+    """Batch over ``data`` (2) and heads over ``tensor`` (4) on an 8-device explicit mesh: every
+    kernel call takes one device's (1, 1, 256, 64) shard of the (2, 4, 256, 64) operands, and
+    nothing gathers them."""
+    mesh = _abstract_mesh((2, 4), ("data", "tensor"))
+    shape = jax.ShapeDtypeStruct(SHAPE.shape, SHAPE.dtype,
+                                 sharding=NamedSharding(mesh, P("data", "tensor")))
+    module = lowered(attend_grad, [platform], shape, jax.sharding.use_abstract_mesh(mesh))
+    calls = [line for line in module.splitlines() if f"custom_call @{call}" in line]
+    assert len(calls) == 3 and "sdy.manual_computation" in module
+    local, whole = "tensor<1x1x256x64xbf16>", "tensor<2x4x256x64xbf16>"
+    assert all(local in line and whole not in line for line in calls), calls
+    assert "all_gather" not in module and "all_to_all" not in module
