@@ -54,6 +54,18 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def eos_id(folder: str | Path) -> int | None:
+    """The end-of-text id in ``generation_config.json`` (else ``config.json``); the first of a
+    list; ``None`` if neither names one."""
+    folder = Path(folder)
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            eos = json.loads((folder / name).read_text()).get("eos_token_id")
+            if eos is not None:
+                return eos[0] if isinstance(eos, list) else eos
+    return None
+
+
 def read_safetensors(folder: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of ``model.safetensors`` or of the shards ``model.safetensors.index.json``
     names, as NumPy arrays."""
