@@ -49,6 +49,9 @@ CASES = {
     "bool_mask_mqa_odd_dims": problem(b=2, hk=1, lq=33, s=40, e=24, ev=40,
                                       mask=(bool, (2, 1, 33, 40))),
     "float_mask_bf16": problem(s=48, e=32, dtype=jnp.bfloat16, mask=(np.float32, (1, 2, 1, 48))),
+    # A float mask per row and ragged last query/key tiles: the rows past the end must not
+    # reach dk/dv (the TPU interpreter reads them as NaN).
+    "float_row_mask_ragged": problem(lq=40, s=56, mask=(np.float32, (1, 2, 40, 56))),
 }
 EXTRA_CASES = {
     "bottom_right": problem(lq=24, s=56, causal=32),

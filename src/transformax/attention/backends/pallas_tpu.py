@@ -211,6 +211,8 @@ def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
         if p.q_len % bq:
             q, do, lse, delta = (_zero_rows(x, i * bq, p.q_len) for x in (q, do, lse, delta))
         probs = jnp.exp(t.scores(q, k_ref[...], edge) - finite_or_zero(lse))
+        if p.q_len % bq:  # rows past the end: their mask tile rows are unspecified (NaN)
+            probs = jnp.where(t.rows < p.q_len, probs, 0.0)
         dp = lax.dot_general(do, v_ref[...], pc.NT, preferred_element_type=jnp.float32)
         keep = t.keep()
         dropped = probs
