@@ -105,10 +105,6 @@ def _empty(tree) -> bool:
     return isinstance(tree, dict) and not tree
 
 
-def _abstract_params(module, cfg):
-    return jax.eval_shape(functools.partial(module.init, jax.random.key(0), cfg))
-
-
 def read_state(module, state: Mapping, cfg) -> dict:
     """Our params for ``cfg`` from a Hugging Face state dict (name -> array, torch or NumPy).
 
@@ -117,7 +113,8 @@ def read_state(module, state: Mapping, cfg) -> dict:
     original = {k.removeprefix(module.HF_PREFIX): k for k in state}  # for the messages
     state = {k.removeprefix(module.HF_PREFIX): v for k, v in state.items()}
     layout = module.hf_layout(cfg, head=any(k.startswith(HEADS) for k in state))
-    shapes = _shapes(_abstract_params(module, cfg))
+    abstract = jax.eval_shape(functools.partial(module.init, jax.random.key(0), cfg))
+    shapes = _shapes(abstract)
     missing, leaves, used = [], {}, set()
     for t in layout.tensors:
         shape = shapes[t.path]
@@ -150,8 +147,7 @@ def read_state(module, state: Mapping, cfg) -> dict:
         raise ValueError(f"from_hf: the state dict does not match the config: "
                          f"{'; '.join(problems)} (check n_layer, tie_word_embeddings, biases)")
     dtype = cfg.policy.param_dtype
-    return _fill(_abstract_params(module, cfg),
-                 {p: jnp.asarray(v, dtype) for p, v in leaves.items()})
+    return _fill(abstract, {p: jnp.asarray(v, dtype) for p, v in leaves.items()})
 
 
 def _names(names: list[str], limit: int = 8) -> str:
