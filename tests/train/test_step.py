@@ -145,6 +145,20 @@ def test_clipping_and_decay_in_the_update():
     assert float(optax.global_norm(clipped)) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("grad_clip, scale", [(1.0, 1 / 6), (10.0, 1.0), (0.0, 1.0)])
+def test_grad_clip_bounds_the_gradient_adam_sees(grad_clip, scale):
+    """Adam's first update does not depend on the gradient's scale, so look at its first
+    moment: ``(1 - b1) * g``, with ``g`` rescaled to norm ``grad_clip`` when it is longer."""
+    cfg = config.OptimConfig(lr=0.1, warmup_steps=0, b1=0.9, grad_clip=grad_clip)
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 3.0)}  # global norm 6
+    tx = optim.optimizer(cfg, 10)
+    _, state = tx.update(grads, tx.init(params), params)
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    np.testing.assert_allclose(adam[0].mu["w"], 0.1 * 3.0 * scale, rtol=1e-6)
+
+
 def test_flops_per_token():
     cfg, _, state, _, _ = setup()
     n = sum(x.size for x in jax.tree.leaves(state.params)) - state.params["wpe"].size
