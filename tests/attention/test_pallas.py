@@ -8,6 +8,7 @@ compiled on real hardware.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,61 @@ def test_sdpa_without_interpret_mode_names_the_switch(monkeypatch):
     with tfx.sdpa_kernel([tfx.Backend.PALLAS_TRITON]), pytest.raises(RuntimeError) as err:
         tfx.sdpa(q, q, q)
     assert "pallas_triton: cannot run: runs on cpu only in Pallas interpret mode" in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_q", 48, "block_q=48 must be a power of two >= 16 (Triton tiles)"),
+    ("block_k_dq", 8, "block_k_dq=8 must be a power of two >= 16 (Triton tiles)"),
+    ("num_warps", 6, "num_warps=6 must be a power of two"),
+    ("bwd_stages", 0, "bwd_stages=0 must be a positive int"),
+])
+def test_triton_config_validates(field, value, message):
+    with pytest.raises(ValueError) as err:
+        pallas_triton.Config(**{field: value})
+    assert str(err.value) == f"pallas_triton.Config: {message}"
+
+
+def _dot_precisions(p: Problem) -> set[str]:
+    q, k, v, *_ = operands(p)
+    jaxpr = str(jax.make_jaxpr(
+        lambda q, k, v: pallas_triton.forward(p, q, k, v, None, None, interpret=False))(q, k, v))
+    return set(re.findall(r"precision=\(Precision\.(\w+)", jaxpr))
+
+
+def test_triton_f32_multiplies_in_full_precision_unless_asked():
+    """The compiled (GPU) kernel: f32 dots are IEEE like torch's default, not TF32; bf16 ones set
+    no precision; ``jax.default_matmul_precision`` opts in to TF32 (HIGH)."""
+    f32 = CASES["hidden_rows"]
+    assert _dot_precisions(f32) == {"HIGHEST"}
+    assert _dot_precisions(dataclasses.replace(f32, dtype=np.dtype(jnp.bfloat16))) == set()
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert _dot_precisions(f32) == {"HIGH"}
+
+
+def test_triton_backward_tiles_fill_hopper_wgmma():
+    p = problem(lq=4096, s=4096, e=128, dtype=jnp.bfloat16)
+    assert pallas_triton.default_config(p, capability=(9, 0)).block_q_dkv == 64
+    assert pallas_triton.default_config(p, capability=(8, 0)).block_q_dkv == 32
+
+
+def test_triton_lowering_failure_is_a_reason(monkeypatch):
+    """A GPU that jax's Triton lowering rejects (e.g. one missing from its GPU table) makes the
+    kernel ineligible with the error as its reason, and selection falls through."""
+    def unknown_gpu(x_ref, o_ref):
+        raise KeyError("'NVIDIA L40S' is not in the GPU info table")
+
+    monkeypatch.setattr(pallas_common, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setattr(pallas_triton, "_probe_kernel", unknown_gpu)
+    pallas_triton.lowering_error.cache_clear()
+    try:
+        reasons = pallas_triton.reasons_unsupported(CASES["hidden_rows"], "cuda")
+        q = jnp.ones((1, 2, 32, 16))
+        chosen = tfx.explain(q, q, q).chosen("cuda")
+    finally:
+        pallas_triton.lowering_error.cache_clear()
+    assert reasons == ["jax's Pallas Triton lowering fails on this GPU: \"'NVIDIA L40S' is not "
+                       "in the GPU info table\""]
+    assert chosen not in (None, tfx.Backend.PALLAS_TRITON)
 
 
 # --- on real hardware -------------------------------------------------------------------------

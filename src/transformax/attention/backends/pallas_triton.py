@@ -39,6 +39,7 @@ LN2 = math.log(2.0)
 MAX_HEAD_DIM = 256
 _DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 _TN = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of a.T @ b
+_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,20 +57,47 @@ class Config:
     bwd_warps: int = 8
     bwd_stages: int = 2
 
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.startswith("block_"):
+                if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
+                    raise ValueError(f"pallas_triton.Config: {field.name}={value!r} must be a "
+                                     f"power of two >= 16 (Triton tiles)")
+            elif not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"pallas_triton.Config: {field.name}={value!r} must be a "
+                                 f"positive int")
+        for name in ("num_warps", "bwd_warps"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"pallas_triton.Config: {name}={value} must be a power of two")
+
+
+def _dot(a, b, dims=_NN):
+    """``a @ b`` (by ``dims``) accumulated in f32. f32 inputs multiply in full f32 (IEEE, as
+    torch does by default), not TF32, unless ``jax.default_matmul_precision`` is set: opt in to
+    TF32 with ``jax.default_matmul_precision("tensorfloat32")`` around the call."""
+    precision = None
+    if a.dtype == jnp.float32 and jax.config.jax_default_matmul_precision is None:
+        precision = lax.Precision.HIGHEST
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
 
 def _pow2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-def default_config(problem: Problem) -> Config:
+def default_config(problem: Problem, capability: tuple[int, int] | None = None) -> Config:
     """Tiles for A100/H100 shared memory by the bytes of one (padded) head row, shrunk to the
-    sequence lengths."""
+    sequence lengths. ``capability`` (default: the local GPU's) >= sm90 gets backward tiles of
+    at least 64 rows, Hopper's wgmma tile height."""
+    capability = capability or pc.cuda_capability()
     row_bytes = _pow2(max(problem.head_dim, problem.v_head_dim)) * problem.dtype.itemsize
     if row_bytes <= 128:  # head dim <= 64 in 16-bit
         cfg = Config(num_warps=4, block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
                      bwd_warps=4)
     elif row_bytes <= 256:  # head dim 128 in 16-bit
-        cfg = Config()
+        cfg = Config(block_q_dkv=64 if capability and capability >= (9, 0) else 32)
     else:  # head dim 256 in 16-bit, or f32 beyond 64
         small = 32 if row_bytes <= 512 else 16
         cfg = Config(block_q=2 * small, block_k=small, num_warps=4, num_stages=2,
@@ -92,7 +120,27 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     capability = pc.cuda_capability() if platform == "cuda" else None
     if capability is not None and capability < (8, 0):
         reasons.append(f"needs an sm80+ GPU (found sm{capability[0]}{capability[1]})")
+    elif capability is not None and (error := lowering_error()):
+        reasons.append(error)
     return reasons
+
+
+def _probe_kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+
+@functools.lru_cache(maxsize=None)
+def lowering_error() -> str | None:
+    """Why jax's Triton lowering fails on the local GPU (it raises, for example, on GPU models
+    missing from jax's table of GPU properties), or None where a small kernel lowers."""
+    shape = jax.ShapeDtypeStruct((16,), jnp.float32)
+    kernel = pl.pallas_call(_probe_kernel, out_shape=shape,
+                            compiler_params=_compiler_params(warps=1, stages=1))
+    try:
+        jax.jit(kernel).trace(shape).lower(lowering_platforms=("cuda",))
+    except Exception as err:  # noqa: BLE001 - any failure means: do not pick this kernel
+        return f"jax's Pallas Triton lowering fails on this GPU: {err}".splitlines()[0]
+    return None
 
 
 def _bounds(start, size: int, length: int, width: int, padded: int, check_rows: bool):
@@ -162,7 +210,7 @@ class _Scores:
         masked; ``edge`` tiles also get the causal and sequence-end masks."""
         p = self.p
         rows, cols = _coords(row0, col0, q.shape[0], k.shape[0])
-        s = lax.dot_general(q, k, pc.NT, preferred_element_type=jnp.float32)
+        s = _dot(q, k, pc.NT)
         s = s * jnp.float32(p.scale * LOG2E)
         tile = None
         if self.mask_ref is not None:
@@ -239,7 +287,7 @@ def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
             keep = scores.keep(i * bq, j * bk, bq, bk)
             if keep is not None:
                 weights = jnp.where(keep, weights, 0.0)
-            pv = jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            pv = _dot(weights.astype(v.dtype), v)
             return acc * correction[:, None] + pv, new_max, total
         return body
 
@@ -277,12 +325,12 @@ def _dq_kernel(*refs, p: Problem, bq: int, bk: int):
             k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
             v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
             probs = jnp.exp2(scores(q, k, i * bq, j * bk, 0, edge) - lse[:, None])
-            dp = lax.dot_general(do, v, pc.NT, preferred_element_type=jnp.float32)
+            dp = _dot(do, v, pc.NT)
             keep = scores.keep(i * bq, j * bk, bq, bk)
             if keep is not None:
                 dp = jnp.where(keep, dp * (1.0 / (1.0 - p.dropout_p)), 0.0)
             ds = probs * (dp - delta[:, None])
-            return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+            return dq + _dot(ds.astype(k.dtype), k)
         return body
 
     dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
@@ -316,18 +364,16 @@ def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
                 lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
                 delta = _load_rows(delta_ref, (g,), i * bq, bq, p.q_len, ragged_q)
                 probs = jnp.exp2(scores(q, k, i * bq, j * bk, mask_head, edge) - lse[:, None])
-                dp = lax.dot_general(do, v, pc.NT, preferred_element_type=jnp.float32)
+                dp = _dot(do, v, pc.NT)
                 keep = scores.keep(i * bq, j * bk, bq, bk)
                 dropped = probs
                 if keep is not None:
                     inv_keep = 1.0 / (1.0 - p.dropout_p)
                     dropped = jnp.where(keep, probs * inv_keep, 0.0)
                     dp = jnp.where(keep, dp * inv_keep, 0.0)
-                dv = dv + lax.dot_general(dropped.astype(do.dtype), do, _TN,
-                                          preferred_element_type=jnp.float32)
+                dv = dv + _dot(dropped.astype(do.dtype), do, _TN)
                 ds = probs * (dp - delta[:, None])
-                dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN,
-                                          preferred_element_type=jnp.float32)
+                dk = dk + _dot(ds.astype(q.dtype), q, _TN)
                 return dk, dv
             return body
 
