@@ -1,5 +1,6 @@
-"""Tokenizers and initial weights of runs: a BPE run end to end, fine-tuning from a Hugging Face
-folder and from a run, ``transformax-prepare`` and ``transformax-export``."""
+"""Tokenizers and initial weights of runs: a BPE run end to end (with a profiled step),
+fine-tuning from a Hugging Face folder and from a run, ``transformax-prepare`` and
+``transformax-export``."""
 
 import sysconfig
 from pathlib import Path
@@ -34,9 +35,10 @@ def test_bpe_run_end_to_end(tmp_path, text_file, capsys):
     cfg = train.load(TINY, [f"out_dir={tmp_path}", "name=bpe", *SMALL, "data.source=text",
                             f"data.path={text_file}", "data.tokenizer=bpe",
                             "data.vocab_size=300", "model.vocab_size=300", "data.seq_len=32",
-                            "sample.max_new_tokens=6"])
+                            "sample.max_new_tokens=6", "log.profile='1:2'"])
     train.train(cfg)
     run = tmp_path / "bpe"
+    assert len(list((run / "profile").glob("plugins/profile/*/*.xplane.pb"))) == 1
     tok = tokenizer.load(run)
     assert tok.vocab_size == 300
     samples = (run / "samples.txt").read_text()
@@ -92,6 +94,8 @@ def test_finetune_starts_at_the_hugging_face_loss(hf_folder, finetuned):
         ref = torch.nn.functional.cross_entropy(
             logits.reshape(-1, 256), torch.as_tensor(batch["targets"][0].reshape(-1)).long())
     assert first["loss"] == pytest.approx(float(ref), abs=1e-5)
+    last = [r for r in result.records if "eval_loss" in r][-1]  # byte tokens: bits per byte
+    assert last["eval_bpb"] == pytest.approx(last["eval_loss"] / np.log(2))
 
 
 def test_export_and_init_from_run(finetuned, tmp_path, capsys):
@@ -141,6 +145,9 @@ def test_prepare(text_file, tmp_path, capsys):
     (["model.init_from=hf:/nonexistent"], "model.init_from='hf:/nonexistent': /nonexistent: no "
                                           "config.json there"),
     (["model.init_from=run:/nonexistent"], "no config.yaml in /nonexistent"),
+    (["log.profile=2:1"], r"log.profile='121': expected START:STOP, .* YAML reads 10:20 as 620"),
+    (["log.profile='3:3'"], r"log.profile='3:3': expected START:STOP, two step numbers with 0 "
+                            r"<= START < STOP"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
