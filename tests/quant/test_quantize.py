@@ -130,7 +130,7 @@ def test_bad_recipe_fields(kwargs, message):
 def test_bad_patterns():
     params = {"fc": layer()}
     with pytest.raises(ValueError, match=r"skip pattern 'blocks\.\*' matches no linear layer; "
-                                         r"the layers are: fc"):
+                                         r"the candidates are: fc"):
         quant.quantize(params, "int8-weight", skip=["blocks.*"])
     with pytest.raises(TypeError, match="skip must be a sequence of glob patterns"):
         quant.quantize(params, "int8-weight", skip="fc")
@@ -160,3 +160,28 @@ def test_bad_inputs_at_run_time_name_the_layer():
         nn.linear(qparams, jnp.zeros((2, 5)))
     with pytest.raises(TypeError, match="quantized linear 'fc': x must be floating point"):
         nn.linear(qparams, jnp.zeros((2, K), jnp.int32))
+
+
+def test_embedding_table_quantized_per_row():
+    table = np.random.RandomState(6).standard_normal((20, K)).astype(np.float32)
+    table[4] = 0.0
+    params = {"wte": jnp.asarray(table), "fc": layer()}
+    q = quant.quantize(params, quant.Recipe(activations="dynamic", embeddings=("wte",)))
+    qt = q["wte"]
+    assert isinstance(qt, quant.QuantizedTable) and qt.shape == (20, K)
+    step = np.abs(table).max(1, keepdims=True) / 127
+    deq = np.asarray(quant.dequantize(q)["wte"])
+    assert np.all(np.abs(deq - table) <= step / 2 * (1 + 1e-6)) and np.all(deq[4] == 0)
+    ids = jnp.asarray([[3, 4], [19, 0]])
+    np.testing.assert_array_equal(nn.embed(qt, ids), deq[np.asarray(ids)])
+    x = jnp.asarray(np.random.RandomState(7).standard_normal((3, K)), jnp.float32)
+    xq = np.clip(np.round(np.asarray(x) / (np.abs(x).max(1, keepdims=True) / 127)), -127, 127)
+    ref = (xq * np.abs(x).max(1, keepdims=True) / 127) @ deq.T  # per-token int8 activations
+    np.testing.assert_allclose(jax.jit(nn.unembed)(qt, x), ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="Recipe embeddings pattern 'emb' matches no embedding "
+                                         "table; the candidates are: wte"):
+        quant.quantize(params, quant.Recipe(embeddings=("emb",)))
+    with pytest.raises(ValueError, match="embedding table 'wte' is already quantized"):
+        quant.quantize(q, quant.Recipe(embeddings=("wte",)), skip=["fc"])
+    with pytest.raises(ValueError, match="Recipe embeddings: .* not 'static'"):
+        quant.Recipe(activations="static", embeddings=("wte",))

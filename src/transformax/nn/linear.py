@@ -16,7 +16,8 @@ def linear_init(key, d_in: int, d_out: int, *, bias: bool = True, std: float = 0
 
 
 def linear(params: dict, x: jax.Array) -> jax.Array:
-    """``x @ w (+ b)`` over the last axis of ``x``."""
+    """``x @ w (+ b)`` over the last axis of ``x``. A quantized ``w`` (``transformax.quant``)
+    runs its int8 matmul through ``x @ w``."""
     y = x @ params["w"]
     return y + params["b"] if "b" in params else y
 
@@ -27,9 +28,12 @@ def embedding_init(key, num: int, dim: int, *, std: float = 0.02, dtype=jnp.floa
 
 
 def embed(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows of ``table`` for integer ``ids`` of any shape: ``ids.shape + (dim,)``."""
+    """Rows of ``table`` for integer ``ids`` of any shape: ``ids.shape + (dim,)``. A quantized
+    table (``transformax.quant``) looks its rows up itself."""
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+    if hasattr(table, "embed"):
+        return table.embed(ids)
     return jnp.take(table, ids, axis=0)
 
 

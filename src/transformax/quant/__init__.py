@@ -8,10 +8,10 @@ why; ``kernel([...])`` restricts the choice).
 """
 
 from transformax.quant.matmul import explain, matmul
-from transformax.quant.qweight import QuantizedWeight
+from transformax.quant.qweight import QuantizedTable, QuantizedWeight
 from transformax.quant.quantize import dequantize, quantize
 from transformax.quant.recipe import RECIPES, Recipe
 from transformax.quant.select import Kernel, kernel
 
-__all__ = ["RECIPES", "Kernel", "QuantizedWeight", "Recipe", "dequantize", "explain", "kernel",
-           "matmul", "quantize"]
+__all__ = ["RECIPES", "Kernel", "QuantizedTable", "QuantizedWeight", "Recipe", "dequantize",
+           "explain", "kernel", "matmul", "quantize"]

@@ -62,6 +62,46 @@ jax.tree_util.register_dataclass(
     meta_fields=["name", "activations", "act_granularity", "act_symmetric", "dtype"])
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedTable:
+    """A ``(num, dim)`` embedding table, quantized per row and stored transposed, as the
+    ``(dim, num)`` int8 ``values`` and ``(1, num)`` ``scale`` of its output-head weight:
+    ``nn.unembed`` (``x @ table.T``, a tied head) multiplies by ``.T``, a
+    :class:`QuantizedWeight` (no copy), and ``nn.embed`` looks rows up (columns of ``values``)."""
+
+    values: jax.Array
+    scale: jax.Array
+    name: str = "embedding"
+    activations: str = "none"
+    act_granularity: str = "token"
+    act_symmetric: bool = True
+    dtype: str = "float32"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape[::-1]
+
+    @property
+    def T(self) -> QuantizedWeight:  # noqa: N802 (the array attribute it stands in for)
+        return QuantizedWeight(self.values, self.scale, name=self.name,
+                               activations=self.activations,
+                               act_granularity=self.act_granularity,
+                               act_symmetric=self.act_symmetric, dtype=self.dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """Dequantized rows ``ids.shape + (dim,)``."""
+        rows = jnp.moveaxis(jnp.take(self.values, ids, axis=1), 0, -1).astype(jnp.float32)
+        return (rows * jnp.take(self.scale[0], ids)[..., None]).astype(self.dtype)
+
+    def dequantize(self) -> jax.Array:
+        return self.T.dequantize().T
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTable, data_fields=["values", "scale"],
+    meta_fields=["name", "activations", "act_granularity", "act_symmetric", "dtype"])
+
+
 def quantize_weight(w: jax.Array, *, granularity: str, group_size: int, name: str) -> dict:
     """``values`` and ``scale`` of a float ``(in, out)`` weight: symmetric, round to nearest;
     an all-zero channel gets scale 1 (its values are 0)."""

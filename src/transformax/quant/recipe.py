@@ -22,7 +22,9 @@ class Recipe:
     int8 at run time (``"dynamic"``, per token or per tensor) or with scales fixed by
     calibration (``"static"``, per tensor; ``observer`` "minmax" or "percentile", the
     ``percentile`` of the batch's values, averaged over batches). ``act_symmetric=False`` adds a
-    zero point. ``layers``: glob patterns over layer paths (e.g. ``"blocks.*.mlp.*"``)."""
+    zero point. ``layers``: glob patterns over layer paths (e.g. ``"blocks.*.mlp.*"``).
+    ``embeddings``: glob patterns naming embedding tables to quantize too, per row (e.g.
+    ``("wte",)``, GPT-2's token embedding, which is also its tied output head)."""
 
     activations: str = "none"
     weight_granularity: str = "channel"
@@ -32,6 +34,7 @@ class Recipe:
     observer: str = "minmax"
     percentile: float = 99.99
     layers: tuple[str, ...] = ("*",)
+    embeddings: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_choice("activations", self.activations, ACTIVATIONS)
@@ -49,8 +52,13 @@ class Recipe:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"Recipe percentile={self.percentile!r}: expected a value in "
                              f"(50, 100]")
-        if isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers):
-            raise TypeError(f"Recipe layers={self.layers!r}: expected a tuple of glob patterns")
+        for name in ("layers", "embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"Recipe {name}={value!r}: expected a tuple of glob patterns")
+        if self.embeddings and self.activations == "static":
+            raise ValueError("Recipe embeddings: quantized embedding tables support "
+                             "activations 'none' and 'dynamic', not 'static'")
 
 
 RECIPES = {

@@ -15,9 +15,18 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     return _int8_dot.reasons_unsupported(problem)
 
 
+# XLA:CPU rewrites an int8 dot with one row into an int32 matrix-vector product outside
+# YNNPACK, 6x slower than f32 (measured, GPT-2-small decode shapes); a few zero rows keep it on
+# the int8 path, which is then faster than f32.
+MIN_ROWS = 4
+
+
 def _dot(xq, wq):
+    m = xq.shape[0]
+    if m < MIN_ROWS:
+        xq = jnp.pad(xq, ((0, MIN_ROWS - m), (0, 0)))
     return jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.int32)
+                               preferred_element_type=jnp.int32)[:m]
 
 
 def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
