@@ -154,8 +154,10 @@ def test_grad_clip_bounds_the_gradient_adam_sees(grad_clip, scale):
     grads = {"w": jnp.full((2, 2), 3.0)}  # global norm 6
     tx = optim.optimizer(cfg, 10)
     _, state = tx.update(grads, tx.init(params), params)
-    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+    def is_adam(s):
+        return isinstance(s, optax.ScaleByAdamState)
+
+    adam = [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
     np.testing.assert_allclose(adam[0].mu["w"], 0.1 * 3.0 * scale, rtol=1e-6)
 
 
