@@ -1,6 +1,6 @@
-"""Tokenizers and initial weights of runs: a BPE run end to end (with a profiled step),
-fine-tuning from a Hugging Face folder and from a run, ``transformax-prepare`` and
-``transformax-export``."""
+"""Tokenizers and initial weights of runs: a BPE run end to end (with a profiled step and
+TensorBoard events), fine-tuning from a Hugging Face folder and from a run,
+``transformax-prepare`` and ``transformax-export``."""
 
 import sysconfig
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tensorboard_events import read_events
 from transformax import cli, cli_tools, tokenizer, train
 from transformax.models import gpt
 from transformax.train import config as config_lib
@@ -35,7 +36,8 @@ def test_bpe_run_end_to_end(tmp_path, text_file, capsys):
     cfg = train.load(TINY, [f"out_dir={tmp_path}", "name=bpe", *SMALL, "data.source=text",
                             f"data.path={text_file}", "data.tokenizer=bpe",
                             "data.vocab_size=300", "model.vocab_size=300", "data.seq_len=32",
-                            "sample.max_new_tokens=6", "log.profile='1:2'"])
+                            "sample.max_new_tokens=6", "log.profile='1:2'",
+                            "log.tensorboard=true"])
     train.train(cfg)
     run = tmp_path / "bpe"
     assert len(list((run / "profile").glob("plugins/profile/*/*.xplane.pb"))) == 1
@@ -51,6 +53,10 @@ def test_bpe_run_end_to_end(tmp_path, text_file, capsys):
     assert evals[-1]["eval_ppl"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert "eval_bpb" not in evals[-1]  # not byte tokens
     assert all("time" in r and r["elapsed_s"] >= 0 for r in records)
+    (events,) = (run / "tensorboard").iterdir()
+    losses = {e.step: v.simple_value for e in read_events(events) for v in e.summary.value
+              if v.tag == "loss"}
+    assert losses == {r["step"]: pytest.approx(r["loss"]) for r in records if "loss" in r}
     capsys.readouterr()
     assert cli.generate_main([str(run), "--prompt", "def ", "--max-new-tokens", "5",
                               "--temperature", "0"]) == 0
