@@ -1,12 +1,16 @@
 """Attention benchmark on CPU: tfx.sdpa (auto and each CPU kernel) against torch's SDPA and
-jax.nn.dot_product_attention, same inputs, same process, medians after warm-up.
+jax.nn.dot_product_attention, same inputs, same process, timed in interleaved rounds (every
+implementation once per round, so machine noise hits all alike), medians.
 
-    python scripts/bench_attention.py                      # the full sweep (L = 512 .. 8192)
-    python scripts/bench_attention.py --lengths 512 1024 --repeats 3
+    python scripts/bench_attention.py                      # L = 512 (B=4) .. 8192, causal and full
+    python scripts/bench_attention.py --lengths 2048 --kv-heads 2 --dim 128   # GQA, E=128
     python scripts/bench_attention.py --gpu ...            # the GPU sweep (bench_attention_gpu.py)
 
-Prints a table with each implementation's time and its ratio to torch, writes JSON and a PNG
-(time against L, one line per implementation) to --out.
+Prints the host (CPU model, ISA, cache sizes, cores, versions, ISA-limiting variables) and a
+table of each implementation's time and its ratio to torch; writes JSON and a PNG to --out.
+To emulate an AVX2-only host on an AVX-512 one: XLA_FLAGS=--xla_cpu_max_isa=AVX2
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 (torch's GEMMs are MKL's, which ignores
+ATEN_CPU_CAPABILITY).
 """
 
 from __future__ import annotations
@@ -24,15 +28,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformax import host
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+ISA_VARIABLES = ("XLA_FLAGS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                 "TRANSFORMAX_CPU_ISA")
+
+
+def interleaved_medians(runs: dict, rounds: int) -> dict:
+    """Median seconds of each ``runs[name]()``, timed in turn once per round. Each timed call
+    follows an untimed one of the same implementation, so the previous library's still-spinning
+    worker threads (OpenMP) do not slow it."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            run()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def jax_callable(attend, q, k, v, backward: bool):
@@ -49,29 +62,32 @@ def jax_callable(attend, q, k, v, backward: bool):
 def torch_callable(torch, q, k, v, causal: bool, backward: bool):
     tq, tk, tv = (torch.tensor(np.asarray(x), requires_grad=backward) for x in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = q.shape[1] != k.shape[1]
 
     def run():
         if backward:
-            sdpa(tq, tk, tv, is_causal=causal).sum().backward()
+            sdpa(tq, tk, tv, is_causal=causal, enable_gqa=gqa).sum().backward()
         else:
             with torch.no_grad():
-                sdpa(tq, tk, tv, is_causal=causal)
+                sdpa(tq, tk, tv, is_causal=causal, enable_gqa=gqa)
+    run()  # warm-up
     return run
 
 
-def implementations(causal: bool):
+def implementations(causal: bool, gqa: bool):
     import transformax as tfx
 
     def tfx_with(backend):
         def attend(q, k, v):
             if backend is None:
-                return tfx.sdpa(q, k, v, is_causal=causal)
+                return tfx.sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)
             with tfx.sdpa_kernel(backend):
-                return tfx.sdpa(q, k, v, is_causal=causal)
+                return tfx.sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)
         return attend
 
     return {
         "tfx auto": tfx_with(None),
+        "tfx cpu_flash": tfx_with(tfx.Backend.CPU_FLASH),
         "tfx xla_flash": tfx_with(tfx.Backend.XLA_FLASH),
         "tfx math": tfx_with(tfx.Backend.MATH),
         "jax.nn": lambda q, k, v: jnp.swapaxes(jax.nn.dot_product_attention(
@@ -85,21 +101,30 @@ def attention_flops(batch, heads, length, dim, causal, backward) -> float:
     return flops * 3.5 if backward else flops
 
 
+def host_record() -> dict:
+    import torch
+    return {**host.current().as_json(), "torch_threads": torch.get_num_threads(),
+            "variables": {name: os.environ.get(name) for name in ISA_VARIABLES}}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true",
                         help="run scripts/bench_attention_gpu.py with the other arguments")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 4 for L <= 512, else 1)")
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="GQA key/value heads")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip", nargs="*", default=[],
                         help="implementations to leave out, e.g. 'tfx math' 'jax.nn'")
     parser.add_argument("--max-materialised-gib", type=float, default=4.0,
                         help="skip kernels that materialise scores larger than this")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     argv = sys.argv[1:] if argv is None else argv
     if "--gpu" in argv:  # the GPU sweep has its own options: pass them all through
         script = str(pathlib.Path(__file__).with_name("bench_attention_gpu.py"))
@@ -114,38 +139,47 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
-    header = f"{'L':>6} {'causal':>6} {'pass':>8} {'implementation':<15} {'ms':>9} {'GF/s':>7} {'x torch':>8}"
-    print(f"CPU: {os.cpu_count()} threads, jax {jax.__version__}, torch {torch.__version__}, "
-          f"f32, B={args.batch}, H={args.heads}, E={args.dim}\n{header}")
+    kv_heads = args.kv_heads or args.heads
+    record = host_record()
+    print(f"host: {host.current().describe()}\nvariables: {record['variables']}\n"
+          f"f32, H={args.heads}, Hk={kv_heads}, E={args.dim}, {args.rounds} interleaved rounds, "
+          f"medians")
+    print(f"{'B':>2} {'L':>6} {'causal':>6} {'pass':>8} {'implementation':<15} {'ms':>9} "
+          f"{'GF/s':>7} {'x torch':>8} {'compile s':>9}")
     for length in args.lengths:
-        shape = (args.batch, args.heads, length, args.dim)
-        q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
-        scores_gib = args.batch * args.heads * length * length * 4 / 2**30
+        batch = args.batch or (4 if length <= 512 else 1)
+        q = jnp.asarray(rng.standard_normal((batch, args.heads, length, args.dim)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, length, args.dim)),
+                            jnp.float32) for _ in range(2))
+        scores_gib = batch * args.heads * length * length * 4 / 2**30
         for causal in (True, False):
             for backward in (False,) if args.no_backward else (False, True):
-                flops = attention_flops(args.batch, args.heads, length, args.dim, causal,
-                                        backward)
-                torch_s = median_seconds(torch_callable(torch, q, k, v, causal, backward),
-                                         args.repeats)
-                results = {"torch sdpa": (torch_s, 0.0)}
-                for name, attend in implementations(causal).items():
+                flops = attention_flops(batch, args.heads, length, args.dim, causal, backward)
+                runs = {"torch sdpa": torch_callable(torch, q, k, v, causal, backward)}
+                compile_s = {"torch sdpa": 0.0}
+                for name, attend in implementations(causal, kv_heads != args.heads).items():
                     materialises = name in ("tfx math", "jax.nn")
                     if name in args.skip or (materialises
                                              and scores_gib * 3 > args.max_materialised_gib):
                         continue
-                    run, compile_s = jax_callable(attend, q, k, v, backward)
-                    results[name] = (median_seconds(run, args.repeats), compile_s)
-                for name, (seconds, compile_s) in results.items():
-                    row = {"L": length, "causal": causal, "pass": "fwd+bwd" if backward else "fwd",
-                           "impl": name, "ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
-                           "ratio_to_torch": seconds / torch_s, "compile_s": compile_s}
+                    runs[name], compile_s[name] = jax_callable(attend, q, k, v, backward)
+                medians = interleaved_medians(runs, args.rounds)
+                for name, seconds in medians.items():
+                    row = {"B": batch, "L": length, "causal": causal,
+                           "pass": "fwd+bwd" if backward else "fwd", "impl": name,
+                           "ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
+                           "ratio_to_torch": seconds / medians["torch sdpa"],
+                           "compile_s": compile_s[name]}
                     rows.append(row)
-                    print(f"{length:>6} {str(causal):>6} {row['pass']:>8} {name:<15} "
-                          f"{row['ms']:>9.1f} {row['gflops']:>7.1f} {row['ratio_to_torch']:>8.2f}",
-                          flush=True)
-    (out_dir / "bench_attention.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out_dir / "bench_attention.png")
-    print(f"wrote {out_dir / 'bench_attention.json'} and {out_dir / 'bench_attention.png'}")
+                    print(f"{batch:>2} {length:>6} {str(causal):>6} {row['pass']:>8} {name:<15} "
+                          f"{row['ms']:>9.1f} {row['gflops']:>7.1f} "
+                          f"{row['ratio_to_torch']:>8.2f} {row['compile_s']:>9.2f}", flush=True)
+    stem = f"bench_attention{args.tag}"
+    result = {"host": record, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
+              "rounds": args.rounds, "rows": rows}
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.png')}")
 
 
 def plot(rows, path):

@@ -1,6 +1,8 @@
 """tfx.sdpa against torch.nn.functional.scaled_dot_product_attention: outputs and gradients,
 each CPU kernel forced in turn, over shapes, masks, GQA, scale and causal."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,17 +13,29 @@ import torch
 from torch_reference import torch_sdpa
 
 import transformax as tfx
-from transformax.attention.backends import xla_flash
+from transformax import host, tuning
+from transformax.attention.backends import cpu_flash, xla_flash
 
-KERNELS = [tfx.Backend.MATH, tfx.Backend.XLA_FLASH]
+KERNELS = [tfx.Backend.MATH, tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH]
+ISAS = [isa for isa in ("avx2", "avx512") if isa in ("avx2", host.current().isa)]
+
+
+def pinned_tiles(fwd: tuple[int, int], bwd: tuple[int, int], isa: str = "avx2", threads: int = 2):
+    """A context pinning the flash kernels' tiles (and cpu_flash's ISA and threads)."""
+    stack = contextlib.ExitStack()
+    for pass_, (bq, bk) in (("fwd", fwd), ("bwd", bwd)):
+        stack.enter_context(tuning.kernel_config("xla_flash", xla_flash.Config(bq, bk), pass_=pass_))
+        stack.enter_context(tuning.kernel_config(
+            "cpu_flash", cpu_flash.Config(bq, bk, threads, isa), pass_=pass_))
+    return stack
 
 
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    """Small xla_flash tiles, different in the backward pass, so that small shapes still cover
-    several (and ragged) tiles."""
-    monkeypatch.setattr(xla_flash, "block_sizes",
-                        lambda problem, backward=False: (16, 8) if backward else (8, 16))
+def small_tiles():
+    """Small tiles, different in the backward pass, so that small shapes still cover several (and
+    ragged) tiles."""
+    with pinned_tiles((8, 16), (16, 8), isa=ISAS[-1]):
+        yield
 
 
 def run(kernel, q, k, v, cotangent, with_mask_grad=False, **kwargs):
@@ -38,7 +52,7 @@ def run(kernel, q, k, v, cotangent, with_mask_grad=False, **kwargs):
         return out, vjp(jnp.asarray(cotangent, out.dtype))
 
 
-def check(q, k, v, atol=2e-5, rtol=2e-5, **kwargs):
+def check(q, k, v, atol=2e-5, rtol=2e-5, kernels=KERNELS, **kwargs):
     rng = np.random.default_rng(1)
     mask = kwargs.get("attn_mask")
     mask_grad = mask is not None and not isinstance(mask, tfx.CausalMask) and mask.dtype != bool
@@ -48,7 +62,7 @@ def check(q, k, v, atol=2e-5, rtol=2e-5, **kwargs):
     out_probe = tfx.sdpa(q, k, v, **kwargs)
     cotangent = rng.standard_normal(out_probe.shape).astype(np.float32)
     want, want_grads = torch_sdpa(q, k, v, cotangent, **torch_kwargs)
-    for kernel in KERNELS:
+    for kernel in kernels:
         out, grads = run(kernel, q, k, v, cotangent, with_mask_grad=mask_grad, **kwargs)
         np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=rtol,
                                    err_msg=f"{kernel} output")
@@ -161,8 +175,9 @@ def test_lse_gradient_matches_math():
     for kernel in KERNELS:
         with tfx.sdpa_kernel([kernel]):
             grads[kernel] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    for a, b in zip(*grads.values()):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    for kernel in KERNELS[1:]:
+        for a, b in zip(grads[kernel], grads[tfx.Backend.MATH]):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(kernel))
 
 
 def test_empty_key_or_query_sequences():
@@ -184,7 +199,7 @@ def test_float64_accumulates_in_float64():
     want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
     want.sum().backward()
     with jax.enable_x64(True):
-        for kernel in KERNELS:
+        for kernel in (tfx.Backend.MATH, tfx.Backend.XLA_FLASH):  # cpu_flash is f32-only
             with tfx.sdpa_kernel([kernel]):
                 out, grads = jax.value_and_grad(
                     lambda *a: jnp.sum(tfx.sdpa(*a, is_causal=True)), argnums=(0, 1, 2))(
@@ -193,3 +208,37 @@ def test_float64_accumulates_in_float64():
             np.testing.assert_allclose(out, want.sum().item(), rtol=1e-12)
             for got, t in zip(grads, (tq, tk, tv)):
                 np.testing.assert_allclose(got, t.grad.numpy(), atol=1e-12)
+
+
+def test_cpu_flash_refuses_float64_with_a_reason():
+    with jax.enable_x64(True):
+        q = jnp.ones((1, 2, 4, 8), jnp.float64)
+        verdicts = {v.backend: v for v in tfx.explain(q, q, q).rows if v.platform == "cpu"}
+        assert "float32" in verdicts[tfx.Backend.CPU_FLASH].describe()
+        assert tfx.explain(q, q, q).chosen("cpu") == tfx.Backend.XLA_FLASH
+
+
+@pytest.mark.parametrize("isa, fwd, bwd, threads", [("avx2", (8, 24), (16, 8), 1),
+                                                    (ISAS[-1], (64, 32), (8, 64), 2)])
+def test_cpu_flash_configs_match_torch(isa, fwd, bwd, threads):
+    """Every code path (ISA) and tile shape, with ragged tiles, GQA, both causal alignments,
+    masks and dropout, against torch (through `check`) and math (dropout)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 37, 24)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 45, 24)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 45, 40)).astype(np.float32)
+    only = [tfx.Backend.CPU_FLASH]
+    with pinned_tiles(fwd, bwd, isa, threads):
+        check(q, k, v, kernels=only, is_causal=True, enable_gqa=True)
+        check(q, k, v, kernels=only, attn_mask=tfx.causal_lower_right(37, 45), enable_gqa=True,
+              scale=-0.4)
+        check(q, k, v, kernels=only, enable_gqa=True,
+              attn_mask=rng.standard_normal((1, 4, 37, 45)).astype(np.float32))
+        check(q, k, v, kernels=only, attn_mask=rng.random((2, 1, 1, 45)) < 0.6, enable_gqa=True)
+        cotangent = rng.standard_normal((2, 4, 37, 40)).astype(np.float32)
+        kwargs = dict(is_causal=True, enable_gqa=True, dropout_p=0.3,
+                      dropout_rng=jax.random.key(5))
+        want = run(tfx.Backend.MATH, q, k, v, cotangent, **kwargs)
+        got = run(tfx.Backend.CPU_FLASH, q, k, v, cotangent, **kwargs)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

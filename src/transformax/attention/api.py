@@ -203,6 +203,8 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     plan = None if call.is_empty else select.plan(problem)
     if plan is not None and dict(plan).get(platform) is None:
         raise select.no_kernel_error(problem, platform)
+    if plan is not None:
+        call.problem = select.with_configs(problem, plan)
     out, lse = call.run(plan)
     return (out, lse) if return_lse else out
 

@@ -31,6 +31,12 @@ class Problem:
     mask_dtype: np.dtype | None = None  # bool: True = may attend; float: added to scores
     mask_shape: tuple[int, int, int, int] | None = None
     dropout_p: float = 0.0
+    # ((kernel name, 'fwd' | 'bwd'), config) for the planned kernels that have configs.
+    kernel_configs: tuple = ()
+
+    def kernel_config(self, kernel: str, pass_: str):
+        """The configuration chosen for ``kernel``'s ``pass_`` when this call was planned."""
+        return dict(self.kernel_configs).get((kernel, pass_))
 
     @property
     def acc_dtype(self) -> np.dtype:

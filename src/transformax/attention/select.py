@@ -10,6 +10,7 @@ import enum
 import importlib
 from collections.abc import Iterable, Iterator
 
+from transformax.attention import tune
 from transformax.attention.problem import Problem
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -20,6 +21,7 @@ class Backend(str, enum.Enum):
 
     MATH = "math"
     XLA_FLASH = "xla_flash"
+    CPU_FLASH = "cpu_flash"
     PALLAS_TRITON = "pallas_triton"
     PALLAS_MOSAIC_GPU = "pallas_mosaic_gpu"
     PALLAS_TPU = "pallas_tpu"
@@ -31,11 +33,12 @@ PRIORITY = {
              Backend.XLA_FLASH, Backend.MATH),
     "tpu": (Backend.PALLAS_TPU, Backend.XLA_FLASH, Backend.MATH),
     # The Pallas kernels run on cpu only in interpret mode (TRANSFORMAX_PALLAS_INTERPRET=1).
-    "cpu": (Backend.XLA_FLASH, Backend.MATH, Backend.PALLAS_TRITON, Backend.PALLAS_TPU),
+    "cpu": (Backend.CPU_FLASH, Backend.XLA_FLASH, Backend.MATH, Backend.PALLAS_TRITON,
+            Backend.PALLAS_TPU),
 }
 
-_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH, Backend.PALLAS_TRITON, Backend.PALLAS_TPU,
-                Backend.CUDNN}
+_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH, Backend.CPU_FLASH, Backend.PALLAS_TRITON,
+                Backend.PALLAS_TPU, Backend.CUDNN}
 
 _allowed: contextvars.ContextVar[tuple[tuple[Backend, ...], bool] | None] = (
     contextvars.ContextVar("transformax_sdpa_kernel", default=None))
@@ -83,6 +86,7 @@ class Verdict:
     allowed: bool
     reasons: tuple[str, ...]
     chosen: bool = False
+    config: str | None = None  # the chosen kernel's configuration and its source
 
     @property
     def eligible(self) -> bool:
@@ -90,7 +94,7 @@ class Verdict:
 
     def describe(self) -> str:
         if self.chosen:
-            return "chosen"
+            return "chosen" + (f" [{self.config}]" if self.config else "")
         if not self.allowed:
             return "excluded by sdpa_kernel"
         return "eligible" if self.eligible else "cannot run: " + "; ".join(self.reasons)
@@ -112,7 +116,8 @@ def verdicts(problem: Problem, platform: str) -> list[Verdict]:
             reasons = tuple(reasons_unsupported(backend, problem, platform))
         chosen = allowed and not reasons and not found
         found |= chosen
-        rows.append(Verdict(platform, backend, allowed, reasons, chosen))
+        config = config_description(backend, problem) if chosen else None
+        rows.append(Verdict(platform, backend, allowed, reasons, chosen, config))
     return rows
 
 
@@ -123,6 +128,27 @@ def plan(problem: Problem) -> tuple[tuple[str, str | None], ...]:
         chosen = [v.backend.value for v in verdicts(problem, platform) if v.chosen]
         result.append((platform, chosen[0] if chosen else None))
     return tuple(result)
+
+
+def with_configs(problem: Problem, plan) -> Problem:
+    """``problem`` carrying the configuration each planned kernel that has one will run with
+    (pinned, cached, tuned or the host default: ``transformax.tuning``)."""
+    configs = []
+    for _, name in plan:
+        module = None if name is None else kernel(Backend(name))
+        if hasattr(module, "candidates"):
+            configs += [((name, pass_), tune.choose(module, problem, pass_).config)
+                        for pass_ in tune.PASSES]
+    return dataclasses.replace(problem, kernel_configs=tuple(dict.fromkeys(configs)))
+
+
+def config_description(backend: Backend, problem: Problem) -> str | None:
+    """Which configuration ``backend`` would run ``problem`` with, and where it comes from."""
+    module = kernel(backend)
+    if not hasattr(module, "candidates"):
+        return None
+    return "; ".join(f"{pass_} {tune.choose(module, problem, pass_).describe()}"
+                     for pass_ in tune.PASSES)
 
 
 def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:

@@ -13,26 +13,50 @@ partitions over them.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
 
+from transformax import host
+from transformax.attention import tune
 from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
                                           mask_scores, row_delta)
+
+
+NAME = "xla_flash"
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     return []
 
 
-@functools.lru_cache(maxsize=None)
-def block_sizes(problem: Problem, backward: bool = False) -> tuple[int, int]:
-    """(block_q, block_k). Measured on a 2-core AVX2 CPU against torch's SDPA: the forward is
-    fastest with 256 x 256 tiles (128 x 128 below 512 queries, where causal skipping matters
-    more), the backward, which keeps five tile-sized arrays live, with 128 x 128."""
-    size = 128 if backward or problem.q_len < 512 else 256
-    return min(size, _round_up(problem.q_len, 8)), min(size, _round_up(problem.kv_len, 8))
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of one pass: ``block_q`` query rows (per head) by ``block_k`` keys."""
+
+    block_q: int
+    block_k: int
+
+    def __post_init__(self):
+        if self.block_q < 1 or self.block_k < 1:
+            raise ValueError(f"xla_flash Config: block_q and block_k must be >= 1; got "
+                             f"block_q={self.block_q}, block_k={self.block_k}")
+
+
+def default_config(problem: Problem, pass_: str) -> Config:
+    """Measured against torch's SDPA on a 2-core AVX-512 host (2 MiB L2 per core): the forward
+    is fastest with 256 x 256 tiles, 128 x 128 below 512 queries (where causal skipping matters
+    more) or with less than 1 MiB of L2; the backward, which keeps five tile-sized arrays live,
+    with 128 x 128."""
+    small = pass_ == "bwd" or problem.q_len < 512 or host.current().l2 < 2**20
+    size = 128 if small else 256
+    return Config(min(size, _round_up(problem.q_len, 8)), min(size, _round_up(problem.kv_len, 8)))
+
+
+def candidates(problem: Problem, pass_: str) -> list[Config]:
+    sizes = [n for n in (64, 128, 256, 512) if n <= _round_up(max(problem.q_len, problem.kv_len), 8)]
+    return [Config(bq, bk) for bq in sizes or [8] for bk in sizes or [8]]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -50,7 +74,9 @@ class _Tiling:
 
     def __init__(self, problem: Problem, backward: bool):
         p = self.p = problem
-        self.bq, self.bk = block_sizes(problem, backward)
+        cfg = tune.planned(NAME, problem, "bwd" if backward else "fwd")
+        self.bq = min(cfg.block_q, _round_up(problem.q_len, 8))
+        self.bk = min(cfg.block_k, _round_up(problem.kv_len, 8))
         # q is scaled once up front where that costs no precision (f32/f64); else the scores.
         self.prescaled = p.dtype == p.acc_dtype
         self.nq, self.nk = cdiv(p.q_len, self.bq), cdiv(p.kv_len, self.bk)

@@ -1,0 +1,28 @@
+"""Builds the native CPU attention kernel (an XLA FFI extension) on x86-64; elsewhere, or if the
+compiler fails, the package installs without it and the selector falls back to XLA kernels."""
+
+import importlib.util
+import pathlib
+import platform
+
+from setuptools import Extension, setup
+
+
+def native_extensions():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    jaxlib = importlib.util.find_spec("jaxlib")
+    include = [str(pathlib.Path(jaxlib.origin).parent / "include")] if jaxlib else []
+    return [Extension(
+        "transformax._flash_cpu",
+        sources=["csrc/flash_attention.cc"],
+        depends=["csrc/flash_kernel.h"],
+        include_dirs=include,
+        language="c++",
+        extra_compile_args=["-std=gnu++17", "-O3", "-ffp-contract=fast", "-fno-math-errno",
+                            "-Wno-psabi", "-fvisibility=hidden"],
+        optional=True,
+    )]
+
+
+setup(ext_modules=native_extensions())

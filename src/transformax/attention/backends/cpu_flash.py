@@ -1,0 +1,156 @@
+"""Native flash attention for x86 CPUs: C++ (``csrc/``) behind XLA's FFI, one build with AVX2+FMA
+and AVX-512 code paths picked at run time, forward and backward.
+
+Per tile it fuses what XLA runs as separate passes: the scores GEMM with a register-blocked
+micro-kernel, masking only on tiles that need it, a vectorised exp with the running max and sum,
+and the P·V GEMM, all in the worker's cache; causal tiles past the diagonal are never visited.
+The forward parallelises over (batch, head, query block), the backward over (batch, key/value
+head). Everything runs in float32 (bf16/f16 operands are widened first). Tiles and threads come
+from ``transformax.tuning``: pinned, cached, tuned or derived from the host's cache sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformax import host
+from transformax.attention import tune
+from transformax.attention.problem import Problem, finite_or_zero, row_delta
+
+try:
+    from transformax import _flash_cpu
+except ImportError as err:  # not built (not x86-64, or no compiler at install time)
+    _flash_cpu, _IMPORT_ERROR = None, str(err)
+else:
+    jax.ffi.register_ffi_target("tfx_cpu_flash_fwd", _flash_cpu.forward, platform="cpu")
+    jax.ffi.register_ffi_target("tfx_cpu_flash_bwd", _flash_cpu.backward, platform="cpu")
+
+NAME = "cpu_flash"
+_ISA_CODES = {"avx2": 0, "avx512": 1}
+_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of one pass: ``block_q`` query rows (<= 512) by ``block_k`` keys, run on
+    ``threads`` threads with the ``isa`` code path ('avx2' or 'avx512')."""
+
+    block_q: int
+    block_k: int
+    threads: int
+    isa: str
+
+    def __post_init__(self):
+        if not 1 <= self.block_q <= 512 or not 1 <= self.block_k <= 4096:
+            raise ValueError(f"cpu_flash Config: block_q must be in [1, 512] and block_k in "
+                             f"[1, 4096]; got block_q={self.block_q}, block_k={self.block_k}")
+        if self.threads < 1:
+            raise ValueError(f"cpu_flash Config: threads must be >= 1; got {self.threads}")
+        if self.isa not in _ISA_CODES:
+            raise ValueError(f"cpu_flash Config: isa must be one of {sorted(_ISA_CODES)}; "
+                             f"got {self.isa!r}")
+
+
+def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
+    reasons = []
+    if _flash_cpu is None:
+        reasons.append(f"the native extension is not built ({_IMPORT_ERROR})")
+    elif host.current().isa not in _ISA_CODES:
+        reasons.append("this CPU lacks AVX2+FMA")
+    if problem.dtype not in _DTYPES:
+        reasons.append(f"dtype {problem.dtype}: computes in float32 (float32/bfloat16/float16 "
+                       f"inputs only)")
+    return reasons
+
+
+def working_set(problem: Problem, pass_: str, block_q: int, block_k: int) -> int:
+    """Bytes one worker keeps hot per tile: the forward's query/output rows, scores and one
+    key/value tile; the backward's scores and dP, query/dO rows, and K, K^T, V^T, dK, dV."""
+    e, ev = problem.head_dim, problem.v_head_dim
+    if pass_ == "fwd":
+        floats = block_q * block_k + block_q * (e + ev) + block_k * (e + ev)
+    else:
+        floats = 2 * block_q * block_k + block_q * (e + ev) + block_k * (3 * e + 2 * ev)
+    return 4 * floats
+
+
+def default_config(problem: Problem, pass_: str) -> Config:
+    """128 query rows and the widest key tile (up to 512 keys forward, 128 backward: measured
+    best on an AVX-512 host with 2 MiB of L2 per core) whose working set fits in 3/4 of the
+    host's per-core L2 (so a 512 KiB L2 gets 256-key forward tiles)."""
+    h = host.current()
+    block_q = min(128, max(problem.q_len, 1))
+    widest = 512 if pass_ == "fwd" else 128
+    fitting = [bk for bk in (512, 256, 128, 64)
+               if bk <= widest and working_set(problem, pass_, block_q, bk) <= 0.75 * h.l2]
+    block_k = min(fitting[0] if fitting else 64, max(8, -(-problem.kv_len // 8) * 8))
+    return Config(block_q=block_q, block_k=block_k, threads=h.cores,
+                  isa=h.isa if h.isa in _ISA_CODES else "avx2")
+
+
+def candidates(problem: Problem, pass_: str) -> list[Config]:
+    base = default_config(problem, pass_)
+    tiles = {(base.block_q, base.block_k)}
+    for block_q in (32, 64, 128, 256):
+        for block_k in (128, 256, 512):
+            if block_q <= max(problem.q_len, 16) and block_k <= max(problem.kv_len, 128):
+                tiles.add((block_q, block_k))
+    return [dataclasses.replace(base, block_q=bq, block_k=bk) for bq, bk in sorted(tiles)]
+
+
+def _attributes(problem: Problem, cfg: Config) -> dict:
+    p = problem
+    mask_kind = 0 if not p.has_mask else 1 if p.mask_is_bool else 2
+    threshold = min(round(p.dropout_p * 2.0**32), 2**32 - 1) if p.has_dropout else 0
+    return dict(mask_kind=np.int64(mask_kind), causal=np.int64(p.causal_offset is not None),
+                causal_offset=np.int64(p.causal_offset or 0), scale=np.float32(p.scale),
+                dropout_threshold=np.int64(threshold),
+                inv_keep=np.float32(1.0 / (1.0 - p.dropout_p)), block_q=np.int64(cfg.block_q),
+                block_k=np.int64(cfg.block_k), isa=np.int64(_ISA_CODES[cfg.isa]),
+                threads=np.int64(cfg.threads))
+
+
+def _operands(problem: Problem, q, k, v, mask, seed):
+    """f32 q/k/v, a bool or f32 mask (a dummy when there is none) and a uint32[2] seed."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    if mask is None:
+        mask = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    elif not problem.mask_is_bool:
+        mask = mask.astype(jnp.float32)
+    if seed is None:
+        seed = jnp.zeros((2,), jnp.uint32)
+    return (*f32, mask, seed)
+
+
+def _forward_call(problem: Problem, cfg: Config, q, k, v, mask, seed):
+    p = problem
+    shapes = (jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len, p.v_head_dim), jnp.float32),
+              jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32))
+    return jax.ffi.ffi_call("tfx_cpu_flash_fwd", shapes)(
+        *_operands(p, q, k, v, mask, seed), **_attributes(p, cfg))
+
+
+def _backward_call(problem: Problem, cfg: Config, q, k, v, mask, seed, lse, delta, dout):
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    return jax.ffi.ffi_call("tfx_cpu_flash_bwd", shapes)(
+        *_operands(problem, q, k, v, mask, seed), lse.astype(jnp.float32),
+        delta.astype(jnp.float32), dout.astype(jnp.float32), **_attributes(problem, cfg))
+
+
+def forward(problem: Problem, q, k, v, mask, seed):
+    cfg = tune.planned(NAME, problem, "fwd")
+    out, lse = _forward_call(problem, cfg, q, k, v, mask, seed)
+    return out.astype(q.dtype), lse
+
+
+def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
+    delta = row_delta(out, dout, dlse)
+    cfg = tune.planned(NAME, problem, "bwd")
+    dq, dk, dv = _backward_call(problem, cfg, q, k, v, mask, seed, finite_or_zero(lse), delta,
+                                dout)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
