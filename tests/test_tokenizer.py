@@ -22,7 +22,18 @@ def test_bytes_round_trip():
     assert tokenizer.BYTES.decode(ids) == text
     np.testing.assert_array_equal(tokenizer.BYTES.encode_corpus(text.encode()), ids)
     assert tokenizer.BYTES.decode([0xE2, 0x86]) == "\ufffd"  # a cut character
-    assert tokenizer.BYTES.save("/nonexistent") is None
+
+
+def test_bytes_as_tokenizer_json(tmp_path):
+    """Written as a byte-level BPE without merges: the same ids for us and for transformers."""
+    text = "def f(x):\n    return 'é→' + '\x00\x7f'  "
+    path = tokenizer.BYTES.save(tmp_path)
+    loaded = tokenizer.load(path)
+    assert loaded.vocab_size == 256 and loaded.encode(text) == list(text.encode())
+    assert loaded.decode(list(text.encode())) == text
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert fast(text)["input_ids"] == list(text.encode())
 
 
 def test_bpe_round_trip_and_compression(bpe):

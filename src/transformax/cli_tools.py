@@ -32,7 +32,6 @@ def prepare_main(argv: list[str] | None = None) -> int:
 def _prepare(args) -> int:
     import numpy as np
 
-    from transformax import tokenizer as tokenizer_lib
     from transformax.train import data, sources
 
     files = sorted({f for pattern in args.inputs for f in data.text_files(pattern)})
@@ -45,9 +44,7 @@ def _prepare(args) -> int:
     for name, split in (("train.bin", train), ("val.bin", val)):
         tok.encode_corpus(split, dtype).tofile(args.out / name)
     keys = (f"data.source=bin data.path={args.out} data.dtype={np.dtype(dtype).name} "
-            f"data.vocab_size={tok.vocab_size}")
-    if tok.save(args.out) is not None:
-        keys += f" data.tokenizer=hf:{args.out / tokenizer_lib.FILE}"
+            f"data.vocab_size={tok.vocab_size} data.tokenizer=hf:{tok.save(args.out)}")
     sizes = {n: (args.out / n).stat().st_size // np.dtype(dtype).itemsize
              for n in ("train.bin", "val.bin")}
     print(f"{len(files)} files, {len(text):,} bytes -> {sizes['train.bin']:,} + "
@@ -79,7 +76,8 @@ def _export(args) -> int:
     cfg, state = load_run(args.run, args.step)
     models.save_pretrained(cfg.task.module, state.params, cfg.model_config, args.out)
     tok = sources.saved_tokenizer(args.run, cfg.data)
-    saved = tok.save(args.out) if tok is not None else None
+    if tok is not None:
+        tok.save(args.out)
     print(f"{args.out}: {cfg.model.arch} step {int(state.step)}"
-          + (", with tokenizer.json" if saved else " (no tokenizer.json: byte-level or ids)"))
+          + (f", tokenizer.json ({tok.name})" if tok else " (token ids: no tokenizer)"))
     return 0

@@ -56,12 +56,11 @@ class Tokenizer:
         encoded = self.hf.encode_batch(lines, add_special_tokens=False)
         return np.fromiter((i for e in encoded for i in e.ids), dtype)
 
-    def save(self, folder: str | Path) -> Path | None:
-        """Write ``folder/tokenizer.json`` (nothing for bytes); returns its path."""
-        if self.hf is None:
-            return None
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/tokenizer.json`` (bytes: a byte-level BPE without merges, the same ids
+        for ``transformers`` and ``load``); returns its path."""
         path = Path(folder) / FILE
-        self.hf.save(str(path))
+        (self.hf or _bytes_as_bpe()).save(str(path))
         return path
 
 
@@ -98,6 +97,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return Tokenizer(hf)
+
+
+def _bytes_as_bpe() -> tokenizers.Tokenizer:
+    """UTF-8 bytes as a byte-level BPE: byte ``b`` is token ``b`` (GPT-2's byte-to-character
+    table names the tokens), no merges."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = (b for b in range(256) if b not in printable)
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return _byte_level(tokenizers.Tokenizer(models.BPE({chars[b]: b for b in range(256)}, [])))
 
 
 def _byte_level(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

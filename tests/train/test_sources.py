@@ -109,7 +109,8 @@ def test_export_and_init_from_run(finetuned, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     cfg, result = finetuned
     assert cli_tools.export_main([str(result.run_dir), str(tmp_path / "out")]) == 0
-    assert "gpt step 2 (no tokenizer.json" in capsys.readouterr().out
+    assert "gpt step 2, tokenizer.json (bytes)" in capsys.readouterr().out
+    assert tokenizer.load(tmp_path / "out").encode("é ") == list("é ".encode())
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = np.arange(40, dtype=np.int32).reshape(2, 20)
     with torch.no_grad():

@@ -52,11 +52,11 @@ def run_tokenizer(spec: str, vocab_size: int, run_dir: Path,
 
 
 def saved_tokenizer(run_dir: Path, cfg: DataConfig) -> tokenizer_lib.Tokenizer | None:
-    """A finished run's tokenizer: its ``tokenizer.json``, else bytes (``None`` for a ``.bin``
-    corpus under ``bytes``: ids, not text)."""
-    if (Path(run_dir) / tokenizer_lib.FILE).is_file():
-        return tokenizer_lib.load(Path(run_dir) / tokenizer_lib.FILE)
-    return None if cfg.source == "bin" else tokenizer_lib.BYTES
+    """A run's tokenizer: bytes (``None`` for a ``.bin`` corpus under ``bytes``: ids, not
+    text), else the run folder's ``tokenizer.json``."""
+    if cfg.tokenizer == "bytes":
+        return None if cfg.source == "bin" else tokenizer_lib.BYTES
+    return tokenizer_lib.load(Path(run_dir) / tokenizer_lib.FILE)
 
 
 def tokenize(cfg: DataConfig, corpus: Corpus,
