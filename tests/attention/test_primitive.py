@@ -186,20 +186,23 @@ EIGHT_DEVICES = textwrap.dedent("""
             compiled = jax.jit(grad).lower(*args).compile()
             check(compiled, *args)
             assert compiled.output_shardings[1][0].spec[:2] == ("data", "tensor")
-    # Automatic shardings: the plain-XLA kernel partitions like any XLA code.
+    # Automatic shardings: custom-call kernels give way to a plain-XLA one, which XLA splits.
     auto = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     args = [jax.device_put(x, NamedSharding(auto, s)) for x, s in
             ((q, spec), (k, spec), (v, spec), (mask, P("data")))]
-    with tfx.sdpa_kernel(tfx.Backend.XLA_FLASH):
-        check(jax.jit(grad).lower(*args).compile(), *args)
+    pallas_first = [tfx.Backend.PALLAS_TRITON, tfx.Backend.XLA_FLASH]
+    for kernels in (list(tfx.Backend), pallas_first):
+        with tfx.sdpa_kernel(kernels, set_priority=kernels == pallas_first):
+            check(jax.jit(grad).lower(*args).compile(), *args)
     print("ok")
 """)
 
 
 def test_eight_devices_run_each_shard_locally():
     """8 emulated devices, batch over ``data`` and heads over ``tensor`` (GQA, a float mask):
-    the XLA kernel and both Pallas kernels (interpret mode) on an explicit mesh, the XLA kernel
-    on an automatic one, forward and gradients against ``math``, with no gathering."""
+    the XLA kernel and both Pallas kernels (interpret mode) on an explicit mesh, and automatic
+    shardings with the default kernels or Pallas first, forward and gradients against ``math``,
+    with no gathering."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", **{pallas_common.INTERPRET_ENV: "1"})
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,

@@ -2,8 +2,14 @@
 and head shard. Sequences are never split (that is context parallelism, e.g. ring attention,
 which this op does not do).
 
-``explicit`` handles meshes with explicit axes (shardings are part of the types): the op runs
-under a ``shard_map`` over the batch/head axes of the query's sharding.
+- Meshes with explicit axes (shardings are part of the types): ``explicit`` runs the op under a
+  ``shard_map`` over the batch/head axes of the query's sharding, so every kernel, Pallas
+  included, runs on local shards.
+- Automatic shardings (``jit`` over several devices, shardings found by propagation): the
+  Pallas and FFI kernels are custom calls XLA cannot split (it would gather q/k/v to every
+  device), so there the op runs the first eligible kernel made of plain XLA ops
+  (``split_plan``), which XLA partitions over batch and heads like any other code. For the
+  Pallas kernels per shard, use an explicit mesh or ``shard_map``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from transformax.attention import select
 from transformax.attention.problem import Problem
+
+# Kernels made of plain XLA ops: XLA's partitioner splits them without gathering.
+PARTITIONABLE = (select.Backend.XLA_FLASH, select.Backend.MATH)
 
 _DIMS = ("batch", "head", "sequence", "head_dim")
 
@@ -74,9 +84,10 @@ def explicit(problem: Problem, fn, q, k, v, mask, seed):
     if seed is not None:
         operands.append(seed)
         specs.append(P())
+    # Manual over every mesh axis (operands are replicated over the others): nothing is left
+    # for XLA's partitioner to split, so the planned kernel runs as is.
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
-                         out_specs=(P(*q_spec), P(*q_spec[:3])),
-                         axis_names=set(shard_axes))(*operands)
+                         out_specs=(P(*q_spec), P(*q_spec[:3])))(*operands)
 
 
 def _resharded(mesh, name: str, x, spec: tuple):
@@ -96,3 +107,17 @@ def _resharded(mesh, name: str, x, spec: tuple):
                          f"explicit mesh: its {_DIMS[dim]} dim is split over {got!r}; {hint}")
     return x if have == spec else jax.sharding.reshard(x, P(*spec))
 
+
+
+def split_plan(problem: Problem, plan) -> tuple[tuple[str, str | None, str | None], ...]:
+    """``plan`` with, per platform, a third entry: the kernel to run where XLA's partitioner
+    splits the op, i.e. the planned one if XLA can split it, else the first eligible
+    partitionable one (None where there is none: the planned kernel runs, gathered)."""
+    result = []
+    for platform, name in plan:
+        split = name
+        if name is not None and select.Backend(name) not in PARTITIONABLE:
+            split = next((v.backend.value for v in select.verdicts(problem, platform)
+                          if v.eligible and v.backend in PARTITIONABLE), None)
+        result.append((platform, name, split))
+    return tuple(result)

@@ -2,18 +2,20 @@
 selector chose when the call was traced, with a batching rule and a VJP.
 
 ``plan`` (a primitive parameter) maps each platform to a kernel name, so one traced function
-lowers to Pallas on cuda/tpu and to XLA on cpu, also in a multi-platform export.
+lowers to Pallas on cuda/tpu and to XLA on cpu, also in a multi-platform export, and to the
+kernel to run where XLA's partitioner splits the op (see ``partition``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-# vma typing: jax.extend has no public API for it.
-from jax._src import config, core
+# vma typing and the lowering's device context: jax.extend has no public API for them.
+from jax._src import config, core, sharding_impls
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
@@ -26,7 +28,7 @@ forward_p.multiple_results = True
 backward_p = Primitive("transformax_sdpa_bwd")
 backward_p.multiple_results = True
 
-Plan = tuple[tuple[str, "str | None"], ...]
+Plan = tuple[tuple[str, "str | None", "str | None"], ...]  # platform, kernel, when split
 
 
 def _split(problem: Problem, args):
@@ -56,8 +58,9 @@ def current_platform() -> str:
     return "cuda" if platform == "gpu" else platform
 
 
-def _kernel_name(problem: Problem, plan: Plan, platform: str) -> str:
-    name = dict(plan).get(platform)
+def _kernel_name(problem: Problem, plan: Plan, platform: str, split: bool) -> str:
+    name, split_name = next(((n, s) for p, n, s in plan if p == platform), (None, None))
+    name = split_name or name if split else name
     if name is None:
         raise select.no_kernel_error(problem, platform)
     return name
@@ -96,13 +99,25 @@ def _backward_abstract(*args, problem, plan):
     return tuple(x.update(weak_type=False) for x in args[:3])
 
 
+def _split_by_partitioner(ctx) -> bool:
+    """True where XLA's partitioner splits this op over several devices (automatic shardings,
+    or mesh axes left automatic inside ``shard_map``)."""
+    axis_context = ctx.module_context.axis_context
+    if isinstance(axis_context, sharding_impls.ShardingContext):
+        return axis_context.num_devices > 1
+    if isinstance(axis_context, sharding_impls.SPMDAxisContext):
+        return math.prod(size for axis, size in axis_context.mesh.shape.items()
+                         if axis not in axis_context.manual_axes) > 1
+    return False
+
+
 def _plain(aval):
     return jax.core.ShapedArray(aval.shape, aval.dtype)
 
 
 def _lowering(prim, platform):
     def rule(ctx, *args, problem, plan):
-        name = _kernel_name(problem, plan, platform)
+        name = _kernel_name(problem, plan, platform, _split_by_partitioner(ctx))
         run = functools.partial(_RUNNERS[prim], problem, name)
         # The kernel is a local computation: trace it on plain (unsharded, invariant) types.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
@@ -173,13 +188,13 @@ def _operands(q, k, v, mask, seed):
     return [x for x in (q, k, v, mask, seed) if x is not None]
 
 
-def attention(problem: Problem, plan: Plan, q, k, v, mask, seed):
+def attention(problem: Problem, plan, q, k, v, mask, seed):
     """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform.
 
     On a mesh with explicit axes it runs on each device's batch/head shard
     (``partition.explicit``). Inside ``shard_map`` the operands are first made to vary over the
     same manual axes (autodiff sums their cotangents back)."""
-    local = functools.partial(_local_attention, plan)
+    local = functools.partial(_local_attention, partition.split_plan(problem, plan))
     sharded = partition.explicit(problem, local, q, k, v, mask, seed)
     return local(problem, q, k, v, mask, seed) if sharded is None else sharded
 
