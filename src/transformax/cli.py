@@ -1,11 +1,22 @@
-"""Command lines: ``transformax-train`` and ``transformax-generate`` (thin: parse, call, print)."""
+"""Command lines: ``transformax-train`` and ``transformax-generate`` (thin: parse, call, print).
+
+Every failure is one line ``transformax-<cmd>: error: ...`` on stderr and a non-zero exit
+status (``--debug`` adds the traceback); warnings are one line ``transformax-<cmd>: warning:``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
+import math
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
+
+from transformax import compile_cache
 
 # glibc's malloc backs its memory with transparent huge pages: XLA:CPU's per-step buffers then
 # cost ~1k page faults per train step instead of ~300k (a fifth of the step in kernel time).
@@ -23,9 +34,101 @@ def tune_malloc() -> None:
     os.execve(sys.executable, [sys.executable, sys.argv[0], *sys.argv[1:]], env)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``prog: error: ...`` (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low: float, name: str):
+    """An argparse ``type``: a finite ``kind`` (int/float) >= ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+    return parse
+
+
+def _guarded(prog: str, debug: bool, body) -> int:
+    """``body()``'s exit status; an error becomes one line on stderr and status 1 (130 / 143
+    after SIGINT / SIGTERM), warnings one line each."""
+    from transformax.train.interrupt import Interrupted
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        hook = sys.unraisablehook
+        if not debug:
+            sys.unraisablehook = functools.partial(_quiet_failed_reads, hook)
+        try:
+            return body()
+        except Interrupted as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted (SIGINT)", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - the one place every error is reported
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {_describe(e, debug)}", file=sys.stderr)
+            return 1
+        finally:
+            sys.unraisablehook = hook
+
+
+def _quiet_failed_reads(hook, unraisable) -> None:
+    """Drop what a checkpoint read that failed (already reported as a warning or error) leaves
+    behind: orbax's abandoned reads and their callbacks into its closed event loop."""
+    error = unraisable.exc_value
+    if "TensorStore" in str(error) or str(error) == "Event loop is closed":
+        return
+    hook(unraisable)
+
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device (disk full)",
+               errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def _describe(error: Exception, debug: bool) -> str:
+    """One line for ``error``: a file-system failure anywhere in its chain by its path and
+    cause; our own errors by their message; anything else by type and first line."""
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            where = f"cannot write {e.filename}" if e.filename else "cannot write"
+            return f"{where}: {DISK_ERRORS[e.errno]}"
+        for code in (errno.ENOSPC, errno.EROFS):  # wrapped by orbax / tensorstore
+            if os.strerror(code) in str(e):
+                return f"{DISK_ERRORS[code]} ({type(e).__name__} while writing)"
+    first = (str(error).strip().splitlines() or [""])[0]
+    ours = type(error).__module__.startswith("transformax")
+    if ours or isinstance(error, (ValueError, OSError)):
+        return first or type(error).__name__
+    return f"{type(error).__name__}: {first}" + ("" if debug else " (--debug shows where)")
+
+
+def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help=f"do not use the persistent compilation cache (on from the command "
+                             f"line, in ${compile_cache.ENV} or {compile_cache.DEFAULT})")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``transformax-train --config FILE [--resume] [key.sub=value ...]``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="transformax-train", description="Train a transformax model from a YAML config.")
     parser.add_argument("--config", help="YAML file merged onto the schema (configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",
@@ -33,51 +136,64 @@ def train_main(argv: list[str] | None = None) -> int:
                              "there is one; with this flag, a missing one is an error)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    _cache_flag(parser)
+    parser.add_argument("--profile", metavar="START:STOP",
+                        help="write a jax.profiler trace of those steps to the run's profile/ "
+                             "(same as log.profile=START:STOP)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.overrides.append(f"log.profile='{args.profile}'")  # quoted: YAML reads 2:4 as 124
     if argv is None and not args.print_config:
         tune_malloc()
+        compile_cache.enable(not args.no_compile_cache)
 
-    from transformax import train
+    def body() -> int:
+        from transformax import train
 
-    try:
         cfg = train.load(args.config, args.overrides)
         if args.print_config:
             print(train.config.to_yaml(cfg), end="")
             return 0
         result = train.train(cfg, resume=True if args.resume else None)
-    except (train.ConfigError, train.TrainingDiverged, FileNotFoundError, FileExistsError) as e:
-        print(f"transformax-train: error: {e}", file=sys.stderr)
-        return 1
-    last = next((r for r in reversed(result.records) if "eval_loss" in r), None)
-    print(f"done: {result.run_dir} (step {int(result.state.step)}"
-          + (f", eval loss {last['eval_loss']:.4f})" if last else ")"))
-    return 0
+        last = next((r for r in reversed(result.records) if "eval_loss" in r), None)
+        print(f"done: {result.run_dir} (step {int(result.state.step)}"
+              + (f", eval loss {last['eval_loss']:.4f})" if last else ")"))
+        return 0
 
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return _guarded(parser.prog, args.debug, body)
 
 
 def _load_generator(path: Path):
-    """``(module, params, cfg, tokenizer, eos_id)``; ``tokenizer`` is ``None`` for a Hugging Face
-    folder without one and ``"bytes"`` for a byte-level training run."""
+    """``(module, params, cfg, tokenizer, eos_id)``; ``tokenizer`` (a
+    :class:`transformax.tokenizer.Tokenizer`) is ``None`` for a folder without one."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder" if not path.exists() else
+                                f"{path}: not a folder (expected a run or model folder)")
     if (path / "config.yaml").exists():
         from transformax import train
 
         run_cfg, state = train.load_run(path)
         if not run_cfg.task.decoder:
             raise ValueError(f"model.arch={run_cfg.model.arch!r} does not generate text")
-        return run_cfg.task.module, state.params, run_cfg.model_config, "bytes", None
-    import transformers
-
+        tokenizer = train.sources.saved_tokenizer(path, run_cfg.data)
+        return run_cfg.task.module, state.params, run_cfg.model_config, tokenizer, None
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: neither a transformax-train run folder (no "
+                                f"config.yaml) nor a Hugging Face model folder (no config.json)")
     from transformax import models
+    from transformax import tokenizer as tokenizer_lib
 
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    module, params, cfg = models.from_hf(hf_model)
-    has_tokenizer = any((path / f).exists() for f in TOKENIZER_FILES)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    eos = hf_model.generation_config.eos_token_id
-    return module, params, cfg, tokenizer, eos[0] if isinstance(eos, list) else eos
+    module, params, cfg = models.load_pretrained(path)
+    if not hasattr(module, "apply_cached"):
+        raise ValueError(f"{path}: a {module.__name__.rpartition('.')[2]} model does not "
+                         f"generate text")
+    try:
+        tokenizer = tokenizer_lib.load(path)
+    except FileNotFoundError:
+        tokenizer = None
+    return module, params, cfg, tokenizer, models.pretrained.eos_id(path)
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -85,51 +201,66 @@ def generate_main(argv: list[str] | None = None) -> int:
     folder (byte-level) or a Hugging Face model folder on disk (GPT-2 or Llama; its tokenizer
     when the folder has one, else ``--ids`` in and ids out). Nothing is downloaded."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="transformax-generate",
         description="Generate text from a transformax-train run or a Hugging Face model folder.")
     parser.add_argument("path", type=Path, help="a transformax-train run folder or a Hugging Face "
                                                 "model folder")
     parser.add_argument("--prompt", default="", help="prompt text")
-    parser.add_argument("--ids", type=int, nargs="+", help="prompt token ids (instead of text)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num", type=int, default=1, help="number of samples")
+    parser.add_argument("--ids", type=_number(int, 0, "a token id >= 0"), nargs="+",
+                        help="prompt token ids (instead of text)")
+    parser.add_argument("--max-new-tokens", type=_number(int, 1, "an integer >= 1"), default=64)
+    parser.add_argument("--temperature", type=_number(float, 0, "a number >= 0"), default=0.8,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=_number(int, 1, "an integer >= 1"), default=None)
+    parser.add_argument("--top-p", type=float, default=None, help="in (0, 1]")
+    parser.add_argument("--num", type=_number(int, 1, "an integer >= 1"), default=1,
+                        help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=("int8-weight", "int8-dynamic"),
+                        help="run the linear layers in int8 (transformax.quant recipe)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    _cache_flag(parser)
     args = parser.parse_args(argv)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"argument --top-p: expected a number in (0, 1], got {args.top_p}")
+    if argv is None:
+        compile_cache.enable(not args.no_compile_cache)
+    return _guarded(parser.prog, args.debug, lambda: _generate(args))
 
+
+def _generate(args) -> int:
+    """``transformax-generate``'s work, once its arguments parsed."""
     import jax
     import numpy as np
 
     from transformax import generate
 
-    try:
-        module, params, cfg, tokenizer, eos = _load_generator(args.path)
-        if args.ids is not None:
-            ids = args.ids
-        elif tokenizer == "bytes":
-            ids = list(args.prompt.encode())
-        elif tokenizer is not None:
-            ids = tokenizer(args.prompt)["input_ids"]
-        else:
-            raise ValueError(f"{args.path} has no tokenizer: pass the prompt as --ids")
-        if not ids:
-            raise ValueError("empty prompt: pass --prompt TEXT or --ids")
-        prompts = np.tile(np.asarray(ids, np.int32), (args.num, 1))
-        out = generate.generate(module, params, cfg, prompts, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                rng=jax.random.key(args.seed), eos_id=eos, pad_id=-1)
-    except (ValueError, OSError) as e:
-        print(f"transformax-generate: error: {e}", file=sys.stderr)
-        return 1
+    module, params, cfg, tokenizer, eos = _load_generator(args.path)
+    if args.ids is not None:
+        ids = args.ids
+    elif tokenizer is not None:
+        ids = tokenizer.encode(args.prompt)
+    else:
+        raise ValueError(f"{args.path} has no tokenizer: pass the prompt as --ids")
+    if not ids:
+        raise ValueError("empty prompt: pass --prompt TEXT or --ids")
+    outside = [i for i in ids if i >= cfg.vocab_size]
+    if outside:
+        raise ValueError(f"--ids: token id {outside[0]} is outside the model's vocabulary "
+                         f"(ids 0 to {cfg.vocab_size - 1})")
+    prompts = np.tile(np.asarray(ids, np.int32), (args.num, 1))
+    if args.quantize:
+        from transformax import quant
+
+        params = quant.quantize(params, args.quantize)
+    out = generate.generate(module, params, cfg, prompts, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            rng=jax.random.key(args.seed), eos_id=eos, pad_id=-1)
     for row in np.asarray(out):
         new = [int(i) for i in row if i >= 0]
         if args.ids is not None or tokenizer is None:
             print(" ".join(map(str, new)))
-        elif tokenizer == "bytes":
-            print(args.prompt + bytes(new).decode("utf-8", errors="replace"))
         else:
-            print(tokenizer.decode(ids + new, skip_special_tokens=True))
+            print(tokenizer.decode(ids + new))
     return 0

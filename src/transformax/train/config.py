@@ -14,9 +14,11 @@ import math
 import typing
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
+from transformax.train import profiling
 from transformax.train.tasks import TASKS
 
 DATA_SOURCES = ("stdlib", "text", "bin")
@@ -32,12 +34,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """``source``: ``stdlib`` (bytes of the running Python's standard library ``.py`` files),
     ``text`` (bytes of the files a path, folder or glob names) or ``bin`` (nanoGPT-style
-    ``train.bin`` / ``val.bin`` token files in the folder ``path``)."""
+    ``train.bin`` / ``val.bin`` token files in the folder ``path``). ``tokenizer``: ``bytes``,
+    ``bpe`` (a byte-level BPE of ``vocab_size`` tokens learned from the training split) or
+    ``hf:PATH`` (a ``tokenizer.json`` or a Hugging Face folder; ``vocab_size`` its size); see
+    :mod:`transformax.train.sources`."""
 
     source: str = "stdlib"
     path: str = ""
+    tokenizer: str = "bytes"
     dtype: str = "uint16"  # bin: token dtype
-    vocab_size: int = 256  # bin: the tokenizer's vocabulary (byte sources: 256)
+    vocab_size: int = 256  # the tokenizer's vocabulary (bytes: 256)
     seq_len: int = 256
     val_fraction: float = 0.05  # byte sources: the corpus's tail held out for evaluation
     mlm_probability: float = 0.15  # bert: share of positions masked
@@ -96,6 +102,7 @@ class LogConfig:
     progress: bool = True  # tqdm progress bar
     # per device, for MFU; the default: 2 AVX-512 cores, 64 f32 FLOP/cycle each at ~3 GHz
     peak_tflops: float = 0.4
+    profile: str = ""  # "START:STOP": a jax.profiler trace of those steps in the run's profile/
 
 
 @dataclasses.dataclass
@@ -132,7 +139,7 @@ class RunConfig:
     def model_config(self):
         """The model's own ``Config`` built from the ``model`` section."""
         fields = {f.name: getattr(self.model, f.name) for f in dataclasses.fields(self.model)
-                  if f.name != "arch"}
+                  if f.name not in ("arch", "init_from")}
         try:
             return self.task.module.Config(**fields)
         except (ValueError, TypeError) as e:
@@ -141,12 +148,15 @@ class RunConfig:
 
 @functools.cache
 def model_schema(arch: str) -> type:
-    """A dataclass with ``arch`` and every field of ``transformax.models.<arch>.Config``."""
+    """A dataclass with ``arch``, ``init_from`` (``hf:PATH`` / ``run:PATH``: start from those
+    weights, see :mod:`transformax.train.sources`) and every field of
+    ``transformax.models.<arch>.Config``."""
     if arch not in TASKS:
         raise ConfigError(f"model.arch={arch!r}: expected one of {sorted(TASKS)}")
     cls = TASKS[arch].module.Config
     hints = typing.get_type_hints(cls)
-    fields = [("arch", str, dataclasses.field(default=arch))]
+    fields = [("arch", str, dataclasses.field(default=arch)),
+              ("init_from", str, dataclasses.field(default=""))]
     for f in dataclasses.fields(cls):
         default = (dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
                    else dataclasses.field(default_factory=f.default_factory))
@@ -160,13 +170,18 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunCo
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-    layers = []
-    if path is not None:
-        try:
-            layers.append(OmegaConf.load(path))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    layers = [] if path is None else [_read_yaml(path)]
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except (yaml.YAMLError, oc_errors.OmegaConfBaseException) as e:
+        raise ConfigError(f"overrides {list(overrides)}: {e}") from None
+    init_from = ""
+    for layer in layers:
+        init_from = OmegaConf.select(layer, "model.init_from", default=init_from)
+    if init_from and not _complete_model(layers):  # the source's config, under the layers
+        from transformax.train.sources import model_fields
+
+        layers.insert(0, OmegaConf.create({"model": model_fields(init_from)}))
     arch = "gpt"
     for layer in layers:
         arch = OmegaConf.select(layer, "model.arch", default=arch)
@@ -181,6 +196,40 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> RunCo
         raise ConfigError(f"{e.full_key}: {e.msg}") from None
     validate(cfg)
     return cfg
+
+
+def _complete_model(layers) -> bool:
+    """Whether ``layers`` set every ``model`` field (a run's resolved ``config.yaml``)."""
+    given = {}
+    for layer in layers:
+        model = OmegaConf.select(layer, "model")
+        given.update(OmegaConf.to_container(model) if OmegaConf.is_dict(model) else {})
+    return "arch" in given and all(f.name in given
+                                   for f in dataclasses.fields(model_schema(given["arch"])))
+
+
+def _read_yaml(path: str):
+    """The mapping in the YAML file ``path``; anything else (missing, unreadable, a syntax error,
+    empty, not a mapping) raises :class:`ConfigError`."""
+    try:
+        layer = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r}: not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path!r}: YAML syntax error{where}: {problem}") from None
+    if not OmegaConf.is_dict(layer) or not layer:
+        what = "empty" if OmegaConf.is_dict(layer) else f"a {type(layer).__name__}"
+        raise ConfigError(f"config file {path!r} is {what}: expected a mapping of sections "
+                          f"(model:, data:, train:, ...)")
+    return layer
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -209,12 +258,25 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     """Impossible values raise :class:`ConfigError`; with ``n_devices``, also the mesh and the
     batch's divisibility over it."""
     d, t, o = cfg.data, cfg.train, cfg.optim
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{section.name}.{f.name}", value, "expected a finite number")
     _check(d.source in DATA_SOURCES, "data.source", d.source, f"expected one of {DATA_SOURCES}")
     _check(d.source == "stdlib" or d.path != "", "data.path", d.path,
            f"data.source={d.source!r} needs a path")
     _check(d.dtype in BIN_DTYPES, "data.dtype", d.dtype, f"expected one of {BIN_DTYPES}")
-    _check(d.source == "bin" or d.vocab_size == 256, "data.vocab_size", d.vocab_size,
-           "byte-level sources have 256 symbols")
+    _check(d.tokenizer in ("bytes", "bpe") or (d.tokenizer.startswith("hf:") and
+                                               len(d.tokenizer) > 3),
+           "data.tokenizer", d.tokenizer, "expected bytes, bpe or hf:PATH")
+    _check(d.source == "bin" or d.tokenizer != "bytes" or d.vocab_size == 256, "data.vocab_size",
+           d.vocab_size, "data.tokenizer=bytes has 256 symbols")
+    _check(d.tokenizer != "bpe" or d.source != "bin", "data.tokenizer", d.tokenizer,
+           "bpe is learned from text: data.source must be stdlib or text")
+    _check(d.tokenizer != "bpe" or d.vocab_size >= 257, "data.vocab_size", d.vocab_size,
+           "data.tokenizer=bpe needs >= 257 (256 bytes and <|endoftext|>)")
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "expected >= 1")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "expected in (0, 1)")
     _check(0.0 < d.mlm_probability < 1.0, "data.mlm_probability", d.mlm_probability,
@@ -228,6 +290,7 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "expected >= 0")
     for key in ("b1", "b2"):
         _check(0.0 <= getattr(o, key) < 1.0, f"optim.{key}", getattr(o, key), "expected in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "expected > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "expected >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "expected >= 0 (0 disables)")
     for section, key in (("eval", "every"), ("sample", "every"), ("sample", "max_new_tokens"),
@@ -241,11 +304,18 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     _check(cfg.sample.temperature >= 0, "sample.temperature", cfg.sample.temperature,
            "expected >= 0 (0: greedy)")
     _check(cfg.log.peak_tflops > 0, "log.peak_tflops", cfg.log.peak_tflops, "expected > 0")
+    try:
+        profiling.parse(cfg.log.profile)
+    except ValueError as e:
+        raise ConfigError(f"log.profile={cfg.log.profile!r}: {e}") from None
     model_cfg = cfg.model_config
     positions = cfg.task.positions(model_cfg)
     _check(d.seq_len <= positions, "data.seq_len", d.seq_len,
            f"expected <= the model's {cfg.task.positions_field}={positions} "
            f"(model.{cfg.task.positions_field})")
+    s = cfg.sample  # the prompt's length in tokens is checked once the tokenizer is known
+    _check(s.max_new_tokens >= 1 or s.num == 0, "sample.max_new_tokens", s.max_new_tokens,
+           "expected >= 1 (or sample.num=0: no samples)")
     needed = d.vocab_size + (1 if cfg.task.objective == "mlm" else 0)
     _check(model_cfg.vocab_size >= needed, "model.vocab_size", model_cfg.vocab_size,
            f"expected >= {needed} (data.vocab_size={d.vocab_size}"

@@ -1,26 +1,34 @@
 """The training run: set up (mesh, data, state or a resumed checkpoint), loop, observe, save.
 
 Run folder ``out_dir/name``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``,
-``samples.txt`` and, at the end, ``loss.png``.
+``samples.txt``, at the end ``loss.png``, and while a run holds it ``run.lock``.
+
+Nothing is written there until the run is accepted: the config, the data and, on resume, the
+checkpoint's config are all checked first, so a refused run leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
 from tqdm.auto import tqdm
 
+from transformax import tokenizer as tokenizer_lib
 from transformax.train import config as config_lib
 from transformax.train import data as data_lib
-from transformax.train import optim, sharding
+from transformax.train import optim, profiling, sharding, sources
 from transformax.train.checkpoint import Checkpoints
+from transformax.train.interrupt import Interrupted, stop_on_signals
 from transformax.train.metrics import MetricsLog, mfu, plot_losses
+from transformax.train.runlock import run_lock
 from transformax.train.samples import sample_text
 from transformax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -42,29 +50,28 @@ def train(cfg: config_lib.RunConfig, *, resume: bool | None = None, stop_at: int
     """Train as ``cfg`` says. ``resume``: None continues from the run folder's latest checkpoint
     if there is one, True requires one, False refuses to overwrite one. ``stop_at``: end this
     run (evaluated and saved) after that step; the schedule still spans ``train.steps``.
-    ``devices``: the mesh's devices (default all)."""
-    sharding.initialize_distributed()
-    devices = jax.devices() if devices is None else devices
-    config_lib.validate(cfg, len(devices))
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    main = jax.process_index() == 0
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep)
-    try:
-        return _Run(cfg, mesh, run_dir, ckpts, main).run(_resume_step(ckpts, resume, run_dir),
-                                                           stop_at)
-    finally:
-        ckpts.close()
+    ``devices``: the mesh's devices (default all).
 
-
-def _resume_step(ckpts: Checkpoints, resume: bool | None, run_dir: Path) -> int | None:
-    latest = ckpts.latest_step()
-    if resume is True and latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if resume is False and latest is not None:
-        raise FileExistsError(f"{run_dir} already has checkpoints (latest step {latest}); "
-                              f"resume it or choose another name=")
-    return latest
+    A second run on the same folder raises :class:`~transformax.train.runlock.RunFolderBusy`.
+    A latest checkpoint that does not restore is set aside (with a warning) for the newest one
+    that does. SIGINT / SIGTERM end the run after the current step: the state is saved and
+    :class:`~transformax.train.interrupt.Interrupted` raised (a second signal exits at once)."""
+    with stop_on_signals() as stop_request:
+        sharding.initialize_distributed()
+        devices = jax.devices() if devices is None else devices
+        config_lib.validate(cfg, len(devices))
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        main = jax.process_index() == 0
+        tokenizer, corpus = sources.tokenize(cfg.data, data_lib.load_corpus(cfg.data), run_dir)
+        _check_prompt(cfg, tokenizer)
+        with run_lock(run_dir) if main else contextlib.nullcontext():
+            ckpts = Checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep)
+            try:
+                run = _Run(cfg, mesh, run_dir, ckpts, main, corpus, stop_request, tokenizer)
+                return run.run(resume, stop_at)
+            finally:
+                ckpts.close()
 
 
 def init_train_state(cfg: config_lib.RunConfig, tx) -> TrainState:
@@ -95,7 +102,10 @@ def load_run(run_dir: str | Path, step: int | None = None):
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = abstract_state(cfg, tx, jax.tree.map(lambda _: device,
                                                       abstract_state(cfg, tx)))
-        state, _ = ckpts.restore(target, step)
+        if step is None:
+            state = ckpts.restore_newest(target)[0]
+        else:
+            state, _ = ckpts.restore(target, step)
     finally:
         ckpts.close()
     return cfg, state
@@ -104,10 +114,11 @@ def load_run(run_dir: str | Path, step: int | None = None):
 class _Run:
     """One run's pieces; :meth:`run` is the loop."""
 
-    def __init__(self, cfg, mesh, run_dir: Path, ckpts: Checkpoints, main: bool):
+    def __init__(self, cfg, mesh, run_dir: Path, ckpts: Checkpoints, main: bool,
+                 corpus: data_lib.Corpus, stop_request, tokenizer=None):
         self.cfg, self.mesh, self.run_dir, self.ckpts, self.main = cfg, mesh, run_dir, ckpts, main
         self.task, self.model_cfg = cfg.task, cfg.model_config
-        self.corpus = data_lib.load_corpus(cfg.data)
+        self.corpus, self.stop_request, self.tokenizer = corpus, stop_request, tokenizer
         t = cfg.train
         self.batches = data_lib.Batches(
             self.corpus, cfg.seed, (t.grad_accum, t.batch_size // t.grad_accum), cfg.data.seq_len,
@@ -122,14 +133,28 @@ class _Run:
         return self.task.loss(params, batch, self.model_cfg, rng)
 
     # --- setup -----------------------------------------------------------------------------
-    def initial_state(self, resume_step: int | None) -> TrainState:
+    def initial_state(self, resume: bool | None) -> tuple[TrainState, list[int]]:
+        """Fresh or restored (see :func:`train`'s ``resume``), and the damaged checkpoint steps
+        skipped. Reads the run folder only."""
         init = functools.partial(init_train_state, self.cfg, self.tx)
         self.state_sharding = sharding.tree_shardings(jax.eval_shape(init), self.mesh)
-        if resume_step is None:
-            return jax.jit(init, out_shardings=self.state_sharding)()
-        self.check_compatible(self.ckpts.saved_config(resume_step))
+        latest = self.ckpts.latest_step()
+        if latest is None:
+            if resume is True:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpts_dir}")
+            if self.cfg.model.init_from:  # fine-tuning: step 0 from those weights
+                params = sources.initial_params(self.cfg.model.init_from, self.task.module,
+                                                self.model_cfg)
+                init = functools.partial(init_state, tx=self.tx, seed=self.cfg.seed)
+                return jax.jit(init, out_shardings=self.state_sharding)(params), []
+            return jax.jit(init, out_shardings=self.state_sharding)(), []
+        if resume is False:
+            raise FileExistsError(f"{self.run_dir} already has checkpoints (latest step "
+                                  f"{latest}); resume it or choose another name=")
         target = abstract_state(self.cfg, self.tx, self.state_sharding)
-        return self.ckpts.restore(target, resume_step)[0]
+        state, _, step, damaged = self.ckpts.restore_newest(target, self.check_compatible)
+        _check_schedule(step, self.cfg.train.steps, self.ckpts_dir)
+        return state, damaged
 
     def check_compatible(self, saved: dict) -> None:
         """A checkpoint continues exactly only under the same model, data and seed."""
@@ -169,28 +194,43 @@ class _Run:
         return time.perf_counter() - t0
 
     # --- the loop --------------------------------------------------------------------------
-    def run(self, resume_step: int | None, stop_at: int | None) -> Result:
+    def run(self, resume: bool | None, stop_at: int | None) -> Result:
         cfg = self.cfg
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-            self.log.truncate_after(resume_step or 0)
-        state = self.initial_state(resume_step)
+        state, damaged = self.initial_state(resume)
         start = int(state.step)
+        if self.main:  # accepted: from here on the run folder is written
+            for step in damaged:
+                moved = self.ckpts.set_aside(step, self.run_dir / "damaged_checkpoints")
+                warnings.warn(f"damaged checkpoint step {step} moved to {moved}",
+                              RuntimeWarning, stacklevel=2)
+            (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+            if self.tokenizer is not None:
+                self.tokenizer.save(self.run_dir)
+            self.log.truncate_after(start)
         stop = self.stop = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         compile_s = self.compile(state)
         self.flops_per_token = self.task.flops_per_token(state.params, self.model_cfg,
                                                          cfg.data.seq_len)
-        self.emit({"step": start, "event": "resumed" if resume_step else "started",
-                   "compile_s": round(compile_s, 3), "devices": self.mesh.size,
+        if self.main and cfg.log.progress:
+            print(f"--- {self.run_dir / 'config.yaml'} ---\n{config_lib.to_yaml(cfg)}---")
+        self.emit({"step": start, "event": "resumed" if start else "started",
+                   "compile_s": round(compile_s, 3),
+                   "params": self.task.module.num_params(state.params),
+                   "tokenizer": "ids" if self.tokenizer is None else self.tokenizer.name,
+                   "devices": self.mesh.size, "platform": self.mesh.devices.flat[0].platform,
                    "mesh": dict(self.mesh.shape)}, show=True)
         bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
                    disable=not (self.main and cfg.log.progress), file=sys.stderr)
         self.window = (time.perf_counter(), start)
         pending = []
+        trace = profiling.StepTrace(cfg.log.profile, self.run_dir / "profile")
         try:
             for step in range(start, stop):
+                if self.stop_request:
+                    break
+                trace.before(step)
                 state, metrics = self.train_step(state, self.put(self.batches(step)))
+                trace.after(step, state)
                 pending.append((step + 1, metrics))
                 done, last = step + 1, step + 1 == stop
                 evaluate = last or _every(done, cfg.eval.every)
@@ -207,11 +247,26 @@ class _Run:
                     self.timed(self.sample, state, done, bar)
                 if save:
                     self.timed(self.ckpts.save, state, config_lib.to_dict(cfg))
+            if self.stop_request and int(state.step) < stop:
+                self.observe(pending, bar)
+                raise Interrupted(self.stop_request.signum, self.save_on_stop(state, start))
         finally:
+            trace.close()
             bar.close()
             if self.main:
                 plot_losses(self.log.read(), self.run_dir / "loss.png", title=cfg.name)
         return Result(state, self.run_dir, self.records, self.train_step)
+
+    def save_on_stop(self, state: TrainState, start: int) -> str:
+        """Save the state the loop stopped with; a line saying what was kept."""
+        step = int(state.step)
+        self.emit({"step": step, "event": f"stopped ({self.stop_request.name})"})
+        where = f"{self.stop_request.name}: stopped at step {step}"
+        if step == start and self.ckpts.latest_step() is None:
+            return f"{where} before any step completed; nothing to save"
+        self.ckpts.save(state, config_lib.to_dict(self.cfg))
+        return (f"{where}; saved checkpoint {self.ckpts_dir / str(step)} (run the same command "
+                f"again to resume)")
 
     def observe(self, pending: list, bar) -> None:
         """Fetch finished steps' metrics: check them, advance the bar, log every ``log.every``."""
@@ -247,13 +302,18 @@ class _Run:
             s, c = self.eval_step(state.params, self.put(self.batches(i, data_lib.EVAL)))
             total, count = total + float(s), count + float(c)
         loss = total / max(count, 1.0)
-        self.emit({"step": step, "eval_loss": loss}, show=True, bar=bar)
+        # perplexity per token; for byte tokens also bits per byte
+        extra = ({"eval_bpb": loss / math.log(2)} if self.tokenizer is tokenizer_lib.BYTES
+                 else {})
+        self.emit({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
+                   **extra}, show=True, bar=bar)
 
     def sample(self, state: TrainState, step: int, bar) -> None:
-        if not self.corpus.is_bytes or self.cfg.sample.num == 0:
+        if self.tokenizer is None or self.cfg.sample.num == 0:
             return
         s = self.cfg.sample
-        texts = sample_text(self.task, state.params, self.model_cfg, s.prompt, num=s.num,
+        texts = sample_text(self.task, state.params, self.model_cfg, s.prompt, self.tokenizer,
+                            num=s.num,
                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             top_k=s.top_k,
                             rng=jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step))
@@ -273,6 +333,26 @@ class _Run:
             text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in record.items())
             (bar.write if bar is not None else print)(text)
+
+
+def _check_prompt(cfg: config_lib.RunConfig, tokenizer) -> None:
+    """Samples are drawn at the end too: a prompt that cannot be sampled from is refused before
+    the first step, not after the last."""
+    if tokenizer is None or not cfg.task.decoder or cfg.sample.num == 0:
+        return
+    n, positions = len(tokenizer.encode(cfg.sample.prompt)), cfg.task.positions(cfg.model_config)
+    if not 0 < n < positions:
+        raise config_lib.ConfigError(
+            f"sample.prompt={cfg.sample.prompt!r}: {n} tokens; expected 1 to {positions - 1} (the "
+            f"model's {cfg.task.positions_field}={positions} less room for a new token), or "
+            f"sample.num=0")
+
+
+def _check_schedule(step: int, steps: int, ckpts_dir: Path) -> None:
+    if step > steps:
+        raise config_lib.ConfigError(
+            f"train.steps={steps}: the checkpoint to resume in {ckpts_dir} is at step {step}, "
+            f"past the end of the schedule; set train.steps >= {step}")
 
 
 def _every(step: int, every: int) -> bool:

@@ -1,4 +1,4 @@
-"""Text samples from a byte-level decoder (a thin layer over ``transformax.generate``)."""
+"""Text samples from a decoder (a thin layer over ``transformax.generate``)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import numpy as np
 from transformax import generate
 
 
-def sample_text(task, params, model_cfg, prompt: str, *, num: int, max_new_tokens: int,
-                temperature: float, top_k: int, rng: jax.Array) -> list[str]:
-    """``num`` continuations of ``prompt`` (its UTF-8 bytes are the tokens), decoded leniently;
-    at most as many new tokens as the model's context leaves after the prompt."""
-    ids = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)
+def sample_text(task, params, model_cfg, prompt: str, tokenizer, *, num: int,
+                max_new_tokens: int, temperature: float, top_k: int, rng: jax.Array) -> list[str]:
+    """``num`` continuations of ``prompt`` (encoded by ``tokenizer``, a
+    :class:`transformax.tokenizer.Tokenizer`), decoded leniently; at most as many new tokens as
+    the model's context leaves after the prompt."""
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
     room = task.positions(model_cfg) - len(ids)
     if len(ids) == 0 or room < 1:
-        raise ValueError(f"prompt {prompt!r}: needs 1 to {task.positions(model_cfg) - 1} bytes")
+        raise ValueError(f"prompt {prompt!r}: needs 1 to {task.positions(model_cfg) - 1} tokens")
     new = generate.generate(task.module, params, model_cfg, np.tile(ids, (num, 1)),
                             max_new_tokens=min(max_new_tokens, room), temperature=temperature,
                             top_k=top_k or None, rng=rng)
     rows = np.concatenate([np.tile(ids, (num, 1)), np.asarray(new)], axis=1)
-    return [bytes(row.astype(np.uint8).tolist()).decode("utf-8", errors="replace") for row in rows]
+    return [tokenizer.decode(row) for row in rows]
