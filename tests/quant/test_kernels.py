@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from transformax import nn, quant
+from transformax import nn, quant, tuning
+from transformax.quant import tune
+from transformax.quant.problem import Problem
 
 M, K, N = 8, 64, 48
 RNG = np.random.RandomState(0)
@@ -117,3 +119,22 @@ def test_selection_explain_and_kernel_context():
 def test_kernel_context_errors(kernels, message):
     with pytest.raises(ValueError, match=message), quant.kernel(kernels):
         pass
+
+
+def test_measured_choice_from_the_tuning_cache_and_autotuning():
+    qw = quant.quantize({"w": jnp.asarray(W)}, "int8-dynamic")["w"]
+    problem = Problem.of(jnp.asarray(X), qw)
+    tuning.store(f"{tune.NAME}/fwd/{tune.problem_class(problem)}", tune.Pick("xla_bf16"))
+    e = quant.explain(X, qw)
+    assert e.chosen("cpu") == quant.Kernel.XLA_BF16 and e.chosen("tpu") == quant.Kernel.XLA_INT8
+    assert "xla_bf16       chosen (cache)" in str(e)
+    with quant.kernel(["xla_int8", "dequant"]):  # a cached choice that is excluded: priority
+        assert "xla_int8       chosen (priority)" in str(quant.explain(X, qw))
+    with quant.kernel(["dequant", "xla_bf16"], set_priority=True):  # the caller's order wins
+        assert quant.explain(X, qw).chosen("cpu") == quant.Kernel.DEQUANT
+    one_row = Problem.of(jnp.asarray(X[:1]), qw)  # another problem class: timed and cached
+    with tuning.autotuning():
+        e = quant.explain(X[:1], qw)
+    assert "chosen (tuned)" in str(e)
+    assert tuning.load_cache()[f"{tune.NAME}/fwd/{tune.problem_class(one_row)}"] == {
+        "kernel": e.chosen("cpu").value}

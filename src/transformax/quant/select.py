@@ -1,8 +1,9 @@
 """Int8 matmul kernel registry and selection: per-platform priorities, the ``kernel`` context
 manager and ``explain`` (the same pattern as ``transformax.attention.select``).
 
-Selection is by eligibility and a static priority per platform; there is no measured,
-per-host ordering yet.
+Of the kernels allowed and able to run a problem, the current platform runs the one measured
+fastest on this host (``quant.tune``: tuning cache, or autotuning) or, unmeasured, the first
+in its static priority; other platforms (which cannot be timed here) by priority alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import enum
 import importlib
 from collections.abc import Iterable, Iterator
 
+from transformax.attention.primitive import current_platform
 from transformax.attention.select import PLATFORMS
+from transformax.quant import tune
 from transformax.quant.problem import Problem
 
 
@@ -84,10 +87,11 @@ class Verdict:
     allowed: bool
     reasons: tuple[str, ...]
     chosen: bool = False
+    source: str = "priority"  # why chosen: priority, or tuning's pinned / cache / tuned
 
     def describe(self) -> str:
         if self.chosen:
-            return "chosen"
+            return f"chosen ({self.source})"
         if not self.allowed:
             return "excluded by quant.kernel"
         return "cannot run: " + "; ".join(self.reasons) if self.reasons else "eligible"
@@ -100,14 +104,19 @@ def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     if context is not None and context[1]:
         order = list(context[0]) + [k for k in order if k not in context[0]]
     order += [k for k in Kernel if k not in order]
-    rows, found = [], False
-    for k in order:
-        allowed = context is None or k in context[0]
-        reasons = tuple(reasons_unsupported(k, problem, platform))
-        chosen = allowed and not reasons and not found
-        found |= chosen
-        rows.append(Verdict(platform, k, allowed, reasons, chosen))
-    return rows
+    rows = [Verdict(platform, k, context is None or k in context[0],
+                    tuple(reasons_unsupported(k, problem, platform))) for k in order]
+    eligible = [v.kernel for v in rows if v.allowed and not v.reasons]
+    if not eligible:
+        return rows
+    best, source = eligible[0], "priority"
+    ordered_by_caller = context is not None and context[1]
+    if len(eligible) > 1 and platform == current_platform() and not ordered_by_caller:
+        choice = tune.choose(problem, eligible, module)
+        if choice.source != "default" and choice.config.kernel in {k.value for k in eligible}:
+            best, source = Kernel(choice.config.kernel), choice.source
+    return [dataclasses.replace(v, chosen=True, source=source) if v.kernel == best else v
+            for v in rows]
 
 
 def plan(problem: Problem) -> dict[str, Kernel | None]:

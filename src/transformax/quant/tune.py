@@ -1,0 +1,66 @@
+"""Measured kernel choice: of the kernels that can run a problem, the one timed fastest on this
+host for its problem class, through ``transformax.tuning`` (pinned with
+``tuning.kernel_config(NAME, Pick(...))``, cached per host, or tuned when autotuning is on);
+without a measurement, the platform's static priority decides."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformax import tuning
+from transformax.quant.problem import Problem
+from transformax.quant.qweight import QuantizedWeight
+
+NAME = "quant_matmul"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pick:
+    """The tuned "configuration": which kernel."""
+
+    kernel: str
+
+
+def problem_class(p: Problem) -> str:
+    """What a choice is keyed by (besides host): dtype, recipe layout, K, N and M's power-of-two
+    bucket."""
+    m = min(1 << max(p.m - 1, 0).bit_length(), 4096)
+    return (f"{p.dtype}/{p.activations}/{p.weight_granularity}/{p.act_granularity}/"
+            f"{'sym' if p.act_symmetric else 'asym'}/M{m}/K{p.k}/N{p.n}")
+
+
+def choose(problem: Problem, eligible: list, module) -> tuning.Choice:
+    """The kernel (a :class:`Pick`) for ``problem`` among ``eligible`` (in priority order);
+    ``module(kernel)`` is its implementation."""
+    return tuning.choose(NAME, "fwd", problem_class(problem), Pick,
+                         default=lambda: Pick(eligible[0].value),
+                         candidates=lambda: [Pick(k.value) for k in eligible],
+                         measure=lambda pick: measure(problem, module(pick.kernel)))
+
+
+def example_operands(p: Problem):
+    """Random ``x (M, K)`` and a random per-channel / per-tensor quantized weight of the
+    problem's layout (static: activation scale 1/127, zero point 0 when asymmetric)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((p.m, p.k)), p.dtype)
+    values = jnp.asarray(rng.integers(-127, 128, (p.k, p.n)), jnp.int8)
+    scale = jnp.full((1, 1 if p.weight_granularity == "tensor" else p.n), 0.01, jnp.float32)
+    static = p.activations == "static"
+    qw = QuantizedWeight(values, scale, act_scale=jnp.float32(1 / 127) if static else None,
+                         act_zero=jnp.int32(0) if static and not p.act_symmetric else None,
+                         name=p.name, activations=p.activations,
+                         act_granularity=p.act_granularity, act_symmetric=p.act_symmetric)
+    return x, qw
+
+
+def measure(problem: Problem, kernel_module) -> float:
+    """Median seconds of one kernel on the problem; eager, also while a caller is tracing."""
+    with jax.ensure_compile_time_eval():
+        x, qw = example_operands(problem)
+        run = jax.jit(functools.partial(kernel_module.matmul, problem))
+        return tuning.median_time(lambda: jax.block_until_ready(run(x, qw)))
