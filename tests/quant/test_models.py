@@ -82,8 +82,10 @@ def test_cached_decoding_and_generate_run_on_quantized_params(hf_gpt2):
     first, cache = gpt.apply_cached(qparams, tokens[:, :10], cfg, cache)
     rest, _ = gpt.apply_cached(qparams, tokens[:, 10:], cfg, cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, rtol=1e-4, atol=1e-4)
-    new = generate.generate(gpt, qparams, cfg, tokens[:, :8], max_new_tokens=3, temperature=0)
-    np.testing.assert_array_equal(new[:, 0], jnp.argmax(apply(gpt, qparams, tokens[:, :8], cfg)
+    # the call of test_cli's (one compilation for both)
+    new = generate.generate(gpt, qparams, cfg, TOKENS[:1, :8], max_new_tokens=6, temperature=0,
+                            eos_id=95, pad_id=-1)
+    np.testing.assert_array_equal(new[:, 0], jnp.argmax(apply(gpt, qparams, tokens[:1, :8], cfg)
                                                         [:, -1], -1))
 
 
