@@ -66,6 +66,20 @@ def test_bpe_run_end_to_end(tmp_path, text_file, capsys):
         tok.encode("def f")
 
 
+@pytest.mark.slow
+def test_bpe_run_on_the_stdlib_corpus(tmp_path, capsys):
+    """The embedded corpus (30 MB): a 1024-token BPE learned and applied (~20 s), then a run."""
+    cfg = train.load(TINY, [f"out_dir={tmp_path}", "name=stdlib", *SMALL, "data.tokenizer=bpe",
+                            "data.vocab_size=1024", "model.vocab_size=1024"])
+    train.train(cfg)
+    assert tokenizer.load(tmp_path / "stdlib").vocab_size == 1024
+    assert (tmp_path / "stdlib" / "samples.txt").read_text().startswith("=== step 2 ===\ndef ")
+    capsys.readouterr()
+    assert cli.generate_main([str(tmp_path / "stdlib"), "--prompt", "import ",
+                              "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A small random GPT-2 on bytes, saved by transformers (and the model)."""
