@@ -115,6 +115,17 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistConfig:
+    """Several processes (``jax.distributed``). Unset values come from ``JAX_COORDINATOR_ADDRESS``
+    / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` where set; with neither, one process."""
+
+    coordinator: str = ""  # HOST:PORT of process 0's coordination service
+    num_processes: int = 0  # 0: from the environment
+    process_id: int = -1  # -1: from the environment
+    timeout_s: int = 60  # start-up wait for every process, and a lost peer's heartbeat timeout
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Everything a training run needs; the run folder is ``out_dir/name``."""
 
@@ -130,6 +141,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
 
     @property
     def task(self):
@@ -283,6 +295,14 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
            "expected in (0, 1)")
     for key in ("steps", "batch_size", "grad_accum"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "expected >= 1")
+    dist = cfg.dist
+    _check(dist.coordinator == "" or dist.coordinator.rpartition(":")[2].isdigit(),
+           "dist.coordinator", dist.coordinator, "expected HOST:PORT")
+    _check(dist.num_processes >= 0, "dist.num_processes", dist.num_processes, "expected >= 1")
+    _check(dist.process_id < max(dist.num_processes, 1) or dist.num_processes == 0,
+           "dist.process_id", dist.process_id,
+           f"expected 0 .. dist.num_processes - 1 = {dist.num_processes - 1}")
+    _check(dist.timeout_s >= 1, "dist.timeout_s", dist.timeout_s, "expected >= 1")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
            f"expected a multiple of train.grad_accum={t.grad_accum}")
     _check(o.lr > 0, "optim.lr", o.lr, "expected > 0")

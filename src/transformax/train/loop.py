@@ -57,7 +57,7 @@ def train(cfg: config_lib.RunConfig, *, resume: bool | None = None, stop_at: int
     that does. SIGINT / SIGTERM end the run after the current step: the state is saved and
     :class:`~transformax.train.interrupt.Interrupted` raised (a second signal exits at once)."""
     with stop_on_signals() as stop_request:
-        sharding.initialize_distributed()
+        sharding.initialize_distributed(cfg.dist)
         devices = jax.devices() if devices is None else devices
         config_lib.validate(cfg, len(devices))
         mesh = sharding.make_mesh(cfg.mesh, devices)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from transformax.train.config import MESH_AXES, MeshConfig, mesh_shape
+from transformax.train.config import MESH_AXES, DistConfig, MeshConfig, mesh_shape
 from transformax.train.optim import param_path
 
 BATCH_AXES = ("data", "fsdp")
@@ -23,14 +23,22 @@ IN_PROJECTIONS = ("qkv", "fc", "gate_up")
 OUT_PROJECTIONS = ("out", "proj", "down")
 
 
-def initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` when the environment describes several processes
-    (``JAX_COORDINATOR_ADDRESS``, or SLURM / Open MPI with more than one task)."""
-    several = ("JAX_COORDINATOR_ADDRESS" in os.environ
-               or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+def initialize_distributed(cfg: DistConfig) -> bool:
+    """``jax.distributed.initialize`` (with CPU collectives) when ``cfg`` or the environment
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; SLURM / Open MPI)
+    describes several processes. A process that does not start, or stops, within
+    ``cfg.timeout_s`` makes the others fail with jax's error instead of waiting forever."""
+    coordinator = cfg.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = cfg.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    process_id = cfg.process_id if cfg.process_id >= 0 else int(
+        os.environ.get("JAX_PROCESS_ID", "-1"))
+    several = (num_processes > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
                or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if several and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator or None, num_processes or None, None if process_id < 0 else process_id,
+            initialization_timeout=cfg.timeout_s, heartbeat_timeout_seconds=cfg.timeout_s)
     return several
 
 

@@ -1,0 +1,142 @@
+"""Several processes: the ``dist`` config keys, ``jax.distributed`` start-up, and real runs of two
+processes on this host against one process."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from transformax import train
+from transformax.train import config as config_lib
+from transformax.train import sharding
+
+TINY = str(Path(__file__).parents[2] / "configs" / "gpt_tiny.yaml")
+ENV_KEYS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+            "OMPI_COMM_WORLD_SIZE")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("dist.coordinator=localhost", "dist.coordinator", "expected HOST:PORT"),
+    ("dist.process_id=2", "dist.process_id", "expected 0 .. dist.num_processes - 1 = 1"),
+    ("dist.timeout_s=0", "dist.timeout_s", "expected >= 1"),
+])
+def test_dist_config_errors(override, key, expected):
+    with pytest.raises(config_lib.ConfigError) as err:
+        train.load(TINY, ["dist.coordinator=localhost:1234", "dist.num_processes=2", override])
+    assert key in str(err.value) and expected in str(err.value)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records ``jax.distributed.initialize`` calls instead of making them."""
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    made = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: made.append((a, kw)))
+    return made
+
+
+def test_initialize_from_config_then_environment(calls, monkeypatch):
+    assert not sharding.initialize_distributed(config_lib.DistConfig())
+    assert calls == []
+    cfg = config_lib.DistConfig(coordinator="host:1234", num_processes=2, process_id=1,
+                                timeout_s=7)
+    assert sharding.initialize_distributed(cfg)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "other:99")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert sharding.initialize_distributed(config_lib.DistConfig())
+    timeouts = {"initialization_timeout": 60, "heartbeat_timeout_seconds": 60}
+    assert calls == [(("host:1234", 2, 1), {"initialization_timeout": 7,
+                                           "heartbeat_timeout_seconds": 7}),
+                     (("other:99", 4, 3), timeouts)]
+
+
+RUN = r"""
+import json, sys
+import jax
+from transformax import train
+out, tiny, stop_at, *overrides = sys.argv[1:]
+common = [f"out_dir={out}", "log.progress=false", "sample.num=0", "train.steps=6",
+          "train.batch_size=8", "log.every=1", "eval.every=0", "eval.batches=1",
+          "checkpoint.every=3"]
+result = train.train(train.load(tiny, common + overrides), stop_at=int(stop_at) or None)
+print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()),
+                  "loss": [r["loss"] for r in result.records if "loss" in r]}))
+"""
+
+
+def _launch(out, stop_at, *overrides, processes=1, port=0):
+    """``processes`` runs of ``RUN`` (``dist.*`` set where more than one)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+    def dist(i):
+        return [] if processes == 1 else [f"dist.coordinator=localhost:{port}",
+                                          f"dist.num_processes={processes}",
+                                          f"dist.process_id={i}", "dist.timeout_s=10"]
+
+    return [subprocess.Popen([sys.executable, "-c", RUN, str(out), TINY, str(stop_at),
+                              *overrides, *dist(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def _results(procs) -> list[dict]:
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume(tmp_path):
+    """Two processes (one CPU device each, data parallel over both, CPU collectives) train the
+    same losses as one process; stopped at step 3 and restarted, they restore the collective
+    checkpoint and continue the same curve. Only process 0 writes the run folder's files."""
+    port = random.randint(20000, 40000)
+    one = _launch(tmp_path, 0, "name=one")
+    first = _launch(tmp_path, 3, "name=two", processes=2, port=port)
+    want = _results(one)[0]["loss"]
+    before = _results(first)
+    after = _results(_launch(tmp_path, 0, "name=two", processes=2, port=port + 1))
+    assert [r["devices"] for r in before] == [2, 2] and len(want) == 6
+    for process in (0, 1):
+        got = before[process]["loss"] + after[process]["loss"]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    run = tmp_path / "two"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "6"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one writer: no line twice
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_others(tmp_path):
+    """Process 1 killed mid-run: process 0 exits within the heartbeat timeout (10 s) with
+    jax's error naming the lost task, instead of waiting for it forever."""
+    procs = _launch(tmp_path, 0, "name=kill", "train.steps=100000", "checkpoint.every=0",
+                    processes=2, port=random.randint(20000, 40000))
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        assert time.time() < deadline and procs[0].poll() is None, "training did not start"
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.time()
+    try:
+        _, stderr = procs[0].communicate(timeout=90)
+    finally:
+        procs[0].kill()
+        procs[1].communicate()
+    assert procs[0].returncode != 0 and time.time() - killed < 60
+    assert "Task 1 heartbeat timeout" in stderr or "another task died" in stderr, stderr[-3000:]
