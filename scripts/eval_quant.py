@@ -45,7 +45,7 @@ def evaluate(run: Path, recipes: list[str], n: int, step: int | None) -> dict:
         return cfg.task.loss(params, batch, cfg.model_config, rng)
 
     eval_step = jax.jit(make_eval_step(loss_fn))
-    calibration = (lambda p, b: loss_fn(p, b, None), [batches(i) for i in range(n)])
+    calibration = (eval_step, [batches(i) for i in range(n)])  # training batches
     rows = [{"recipe": "f32", "loss": held_out_loss(eval_step, state.params, batches, n)}]
     for recipe in recipes:
         qparams = quant.quantize(state.params, recipe, calibration=(
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(f"{'params':<14} {'loss':>8} {'bits/token':>11} {'vs f32':>8}")
     for r in result["rows"]:
         print(f"{r['recipe']:<14} {r['loss']:>8.4f} {r['loss'] / math.log(2):>11.4f} "
-              f"{r['relative_change']:>+8.2%}")
+              f"{r['relative_change']:>+8.3%}")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
     return 0
