@@ -10,7 +10,7 @@ import pytest
 
 from tensorboard_events import read_events
 from transformax import cli, cli_tools, tokenizer, train
-from transformax.models import gpt
+from transformax.models import gpt, llama
 from transformax.train import config as config_lib
 from transformax.train import data as data_lib
 from transformax.train import sources
@@ -136,6 +136,10 @@ def test_export_and_init_from_run(finetuned, tmp_path, capsys):
     assert again.model_config == cfg.model_config
     params = sources.initial_params(again.model.init_from, gpt, again.model_config)
     np.testing.assert_array_equal(params["wte"], result.state.params["wte"])
+    with pytest.raises(config_lib.ConfigError, match=r"model.init_from='hf:.*': a transformax."
+                                                     r"models.gpt checkpoint cannot start a "
+                                                     r"transformax.models.llama model"):
+        sources.initial_params(cfg.model.init_from, llama, llama.Config())
 
 
 def test_prepare(text_file, tmp_path, capsys):

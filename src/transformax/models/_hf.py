@@ -62,10 +62,9 @@ class Layout:
         if bias:
             self.add(f"{path}/b", *[f"{n}.bias" for n in names], widths=widths)
 
-    def layer_norm(self, path: str, name: str, *, bias: bool = True) -> None:
+    def layer_norm(self, path: str, name: str) -> None:
         self.add(f"{path}/scale", f"{name}.weight")
-        if bias:
-            self.add(f"{path}/bias", f"{name}.bias")
+        self.add(f"{path}/bias", f"{name}.bias")
 
     def hf_name(self, name: str) -> str:
         """The name as written: under the prefix unless a head or ``base_only``."""

@@ -110,6 +110,10 @@ def initial_params(spec: str, module, cfg) -> dict:
     kind, path = _split("model.init_from", spec, PREFIXES)
     try:
         if kind == "hf":
+            source = models.module_for(models.pretrained.read_config(path))
+            if source is not module:
+                raise ValueError(f"a {source.__name__} checkpoint cannot start a "
+                                 f"{module.__name__} model (model.arch)")
             return module.from_hf(models.pretrained.read_safetensors(path), cfg)[1]
         from transformax.train.loop import load_run
 
