@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import gc
+import logging
 import math
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -64,9 +67,12 @@ def _guarded(prog: str, debug: bool, body) -> int:
 
     with warnings.catch_warnings():
         warnings.showwarning = show
-        hook = sys.unraisablehook
-        if not debug:
+        hook, loggers = sys.unraisablehook, [logging.getLogger(n) for n in ("absl", "asyncio")]
+        levels = [logger.level for logger in loggers]
+        if not debug:  # orbax logs the errors it raises, with tracebacks: reported once below
             sys.unraisablehook = functools.partial(_quiet_failed_reads, hook)
+            for logger in loggers:
+                logger.setLevel(logging.CRITICAL)
         try:
             return body()
         except Interrupted as e:
@@ -79,9 +85,12 @@ def _guarded(prog: str, debug: bool, body) -> int:
             if debug:
                 traceback.print_exc()
             print(f"{prog}: error: {_describe(e, debug)}", file=sys.stderr)
+            gc.collect()  # abandoned orbax writes log their errors when collected: now, quietly
             return 1
         finally:
             sys.unraisablehook = hook
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _quiet_failed_reads(hook, unraisable) -> None:
@@ -107,12 +116,13 @@ def _describe(error: Exception, debug: bool) -> str:
         chain.append(e)
         e = e.__cause__ or e.__context__
     for e in chain:
-        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
-            where = f"cannot write {e.filename}" if e.filename else "cannot write"
-            return f"{where}: {DISK_ERRORS[e.errno]}"
-        for code in (errno.ENOSPC, errno.EROFS):  # wrapped by orbax / tensorstore
-            if os.strerror(code) in str(e):
-                return f"{DISK_ERRORS[code]} ({type(e).__name__} while writing)"
+        code, path = (e.errno, e.filename) if isinstance(e, OSError) else (None, None)
+        for wrapped in (errno.ENOSPC, errno.EROFS):  # by orbax / tensorstore, in the message
+            if code is None and os.strerror(wrapped) in str(e):
+                quoted = re.search(r'"(/[^"]+)"', str(e))
+                code, path = wrapped, quoted and quoted[1]
+        if code in DISK_ERRORS:
+            return f"cannot write{f' {path}' if path else ''}: {DISK_ERRORS[code]}"
     first = (str(error).strip().splitlines() or [""])[0]
     ours = type(error).__module__.startswith("transformax")
     if ours or isinstance(error, (ValueError, OSError)):

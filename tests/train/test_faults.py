@@ -4,6 +4,7 @@ was."""
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -186,11 +187,14 @@ def test_orbax_disk_full_is_named(finished, tmp_path, capsys, monkeypatch):
     copy(finished, tmp_path)
 
     def full(self, state, config):
-        raise ValueError("tensorstore: error writing x: [OSError] No space left on device")
+        logging.getLogger("absl").error("orbax logs what it raises, with a traceback")
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "a/0" at local file "/x/ckpt/2": '
+                         'Failed writing: [OSError] No space left on device')
 
     monkeypatch.setattr(Checkpoints, "save", full)
     assert cli.train_main(args(tmp_path, "base", "train.steps=6", "checkpoint.every=1")) == 1
-    assert "no space left on device (disk full)" in one_error_line(capsys.readouterr().err)
+    assert one_error_line(capsys.readouterr().err).endswith(
+        "cannot write /x/ckpt/2: no space left on device (disk full)")
 
 
 @pytest.mark.parametrize("argv, message", [
