@@ -73,8 +73,11 @@ def test_vmap_with_dropout_keeps_each_examples_stream():
         np.testing.assert_allclose(batched[i], f(Q, keys[i]), atol=1e-6)
 
 
-def test_cpu_lowering_is_plain_xla():
-    text = jax.jit(lambda q, k, v: tfx.sdpa(q, k, v, is_causal=True)).lower(Q, K, V).as_text()
+def test_cpu_lowering_is_the_native_kernel_or_plain_xla():
+    attend = lambda q, k, v: tfx.sdpa(q, k, v, is_causal=True)  # noqa: E731
+    assert "tfx_cpu_flash_fwd" in jax.jit(attend).lower(Q, K, V).as_text()
+    with tfx.sdpa_kernel(tfx.Backend.XLA_FLASH):
+        text = jax.jit(attend).lower(Q, K, V).as_text()
     assert "custom_call" not in text and "dot_general" in text
 
 
@@ -109,7 +112,7 @@ Q4 = jnp.concatenate([Q, Q * 0.5], axis=1)[:, :4]  # 4 query heads on 2 key/valu
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_shard_map_with_default_checks(axis_type):
     """Forward and gradient inside ``shard_map`` (check_vma on), with the key/value and the
-    mask replicated (not varying) while the query varies."""
+    mask replicated (not varying) while the query varies; and ``vmap`` inside it."""
     mesh = _mesh(axis_type)
     k, v = K[:, :2], V[:, :2]
     want = GQA_GRAD(Q4, k, v)
@@ -119,8 +122,13 @@ def test_shard_map_with_default_checks(axis_type):
                                 in_specs=(P("data", "tensor"), P(), P(), P()), out_specs=P())
         got = jax.jit(jax.value_and_grad(lambda *a: sharded(*a, GQA_MASK), argnums=(0, 1, 2)))(
             q, k, v)
+        batched = jax.jit(jax.shard_map(
+            jax.vmap(lambda q: tfx.sdpa(q, k, v, enable_gqa=True)),
+            in_specs=P(None, "data", "tensor"), out_specs=P(None, "data", "tensor")))(
+                jnp.stack([q, q]))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(batched[1], tfx.sdpa(Q4, k, v, enable_gqa=True), atol=1e-6)
 
 
 def test_explicit_mesh_keeps_shardings_jit_and_no_jit():

@@ -4,7 +4,8 @@ which this op does not do).
 
 - Meshes with explicit axes (shardings are part of the types): ``explicit`` runs the op under a
   ``shard_map`` over the batch/head axes of the query's sharding, so every kernel, Pallas
-  included, runs on local shards.
+  included, runs on local shards. Dropout then draws an independent stream per shard (not
+  the one-device stream).
 - Automatic shardings (``jit`` over several devices, shardings found by propagation): the
   Pallas and FFI kernels are custom calls XLA cannot split (it would gather q/k/v to every
   device), so there the op runs the first eligible kernel made of plain XLA ops

@@ -9,6 +9,11 @@ GQA group and the query blocks that see it), one per query block (dq).
 
 Nothing is padded or repeated in memory: head dims are padded to a power of two and ragged
 sequence ends handled by masked loads and stores. A bool mask is read as int8.
+
+Precision: f32 inputs multiply in full IEEE f32, like torch's default
+(``torch.backends.cuda.matmul.allow_tf32 = False``). TF32 is faster on Ampere and newer and
+loses precision; opt in with ``with jax.default_matmul_precision("tensorfloat32"):`` around
+the traced call.
 """
 
 from __future__ import annotations
