@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import jax
 import pytest
@@ -6,6 +7,9 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", False)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Kernel configs are the host defaults unless a test pins or tunes them: no user tuning cache.
+os.environ["TRANSFORMAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="transformax-test-cache-")
+os.environ.pop("TRANSFORMAX_AUTOTUNE", None)
 
 settings.register_profile(
     "ci", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "12")), deadline=None,

@@ -6,13 +6,16 @@
 
 import importlib
 
-from transformax.attention import (Backend, CausalMask, causal_lower_right, causal_upper_left,
-                                   explain, scaled_dot_product_attention, sdpa, sdpa_kernel)
+from transformax.attention import (Backend, CausalMask, autotune, causal_lower_right,
+                                   causal_upper_left, explain, scaled_dot_product_attention, sdpa,
+                                   sdpa_kernel)
+from transformax.tuning import kernel_config
 
 _SUBMODULES = ("nn", "models", "generate", "flax", "train")
 
-__all__ = ["Backend", "CausalMask", "causal_lower_right", "causal_upper_left", "explain",
-           "scaled_dot_product_attention", "sdpa", "sdpa_kernel", *_SUBMODULES]
+__all__ = ["Backend", "CausalMask", "autotune", "causal_lower_right", "causal_upper_left",
+           "explain", "kernel_config", "scaled_dot_product_attention", "sdpa", "sdpa_kernel",
+           *_SUBMODULES]
 
 
 def __getattr__(name):

@@ -11,7 +11,6 @@ compile times stay deterministic.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import json
 import os
@@ -23,13 +22,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
+
 from transformax import host
 
 _FORMAT = 1
-_pinned: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "transformax_kernel_config", default={})
-_tune_now: contextvars.ContextVar[bool] = contextvars.ContextVar("transformax_autotune",
-                                                                 default=False)
+# Pinned configs, ((kernel/pass, config), ...), and whether to tune now: JAX user contexts, so
+# they are part of jit's cache key (a function jitted outside a block is traced again inside).
+_pinned = jax.make_user_context(())
+_tune_now = jax.make_user_context(False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,21 +52,16 @@ def kernel_config(kernel: str, config: Any, *, pass_: str | None = None) -> Iter
     passes = ("fwd", "bwd") if pass_ is None else (pass_,)
     if not set(passes) <= {"fwd", "bwd"}:
         raise ValueError(f"kernel_config: pass_ must be 'fwd', 'bwd' or None; got {pass_!r}")
-    token = _pinned.set({**_pinned.get(), **{f"{kernel}/{p}": config for p in passes}})
-    try:
+    pins = {**dict(_pinned.value), **{f"{kernel}/{p}": config for p in passes}}
+    with _pinned(tuple(sorted(pins.items(), key=lambda item: item[0]))):
         yield
-    finally:
-        _pinned.reset(token)
 
 
 @contextlib.contextmanager
 def autotuning() -> Iterator[None]:
     """Tunes (and caches) every problem class traced inside the block that the cache lacks."""
-    token = _tune_now.set(True)
-    try:
+    with _tune_now(True):
         yield
-    finally:
-        _tune_now.reset(token)
 
 
 def cache_dir() -> pathlib.Path:
@@ -130,7 +126,7 @@ def choose(kernel: str, pass_: str, problem_class: str, config_type: type,
            measure: Callable[[Any], float]) -> Choice:
     """The configuration of ``kernel``'s ``pass_`` for ``problem_class``: pinned, cached, tuned
     (when autotuning is on), else ``default()``."""
-    pinned = _pinned.get().get(f"{kernel}/{pass_}")
+    pinned = dict(_pinned.value).get(f"{kernel}/{pass_}")
     if pinned is not None:
         return Choice(pinned, "pinned")
     key = f"{kernel}/{pass_}/{problem_class}"
@@ -141,7 +137,7 @@ def choose(kernel: str, pass_: str, problem_class: str, config_type: type,
         except TypeError:
             warnings.warn(f"transformax: ignoring the tuning cache entry {key}: {cached}",
                           stacklevel=2)
-    if _tune_now.get() or os.environ.get("TRANSFORMAX_AUTOTUNE") == "1":
+    if _tune_now.value or os.environ.get("TRANSFORMAX_AUTOTUNE") == "1":
         best = min(candidates(), key=measure)
         store(key, best)
         return Choice(best, "tuned")

@@ -73,9 +73,11 @@ def test_cuda_lowering_runs_the_triton_kernels(interpret, monkeypatch):
     assert "transformax_flash_dq" in backward and "transformax_flash_dkdv" in backward
 
 
-def test_cpu_lowering_is_plain_xla():
+def test_cpu_export_is_plain_xla():
+    """The native cpu kernel's FFI call has no serialization guarantee: exports use xla_flash."""
     for fn in (attend, attend_grad):
         assert "custom_call" not in lowered(fn, ["cpu"])
+    assert "tfx_cpu_flash_fwd" in jax.jit(attend).lower(SHAPE, SHAPE, SHAPE).as_text()
 
 
 def test_tpu_lowering_runs_the_mosaic_kernels():

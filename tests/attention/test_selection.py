@@ -9,12 +9,12 @@ import transformax as tfx
 Q = np.zeros((1, 2, 8, 16), np.float32)
 
 
-def test_cpu_default_is_xla_flash_and_explain_prints_every_kernel():
+def test_cpu_default_is_cpu_flash_and_explain_prints_every_kernel():
     report = tfx.explain(Q, Q, Q, is_causal=True)
-    assert report.chosen("cpu") == tfx.Backend.XLA_FLASH
+    assert report.chosen("cpu") == tfx.Backend.CPU_FLASH
     text = str(report)
     assert "cpu:" in text and "cuda:" in text and "tpu:" in text
-    assert "xla_flash" in text and "chosen" in text
+    assert "cpu_flash" in text and "chosen [fwd Config(block_q=" in text
     cpu_rows = {v.backend: v for v in report.rows if v.platform == "cpu"}
     assert cpu_rows[tfx.Backend.MATH].eligible
     assert cpu_rows[tfx.Backend.CUDNN].reasons
@@ -30,7 +30,7 @@ def test_sdpa_kernel_limits_and_orders():
         assert tfx.explain(Q, Q, Q).chosen("cpu") == tfx.Backend.XLA_FLASH
     with tfx.sdpa_kernel([tfx.Backend.MATH, tfx.Backend.XLA_FLASH], set_priority=True):
         assert tfx.explain(Q, Q, Q).chosen("cpu") == tfx.Backend.MATH
-    assert tfx.explain(Q, Q, Q).chosen("cpu") == tfx.Backend.XLA_FLASH
+    assert tfx.explain(Q, Q, Q).chosen("cpu") == tfx.Backend.CPU_FLASH
 
 
 def test_sdpa_kernel_is_per_thread():
@@ -49,14 +49,15 @@ def test_sdpa_kernel_is_per_thread():
         release.wait()
         seen["inside"] = tfx.explain(Q, Q, Q).chosen("cpu")
     thread.join()
-    assert seen == {"other": tfx.Backend.XLA_FLASH, "inside": tfx.Backend.MATH}
+    assert seen == {"other": tfx.Backend.CPU_FLASH, "inside": tfx.Backend.MATH}
 
 
 def test_kernels_agree():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 3, 40, 16)).astype(np.float32) for _ in range(3))
     outs = []
-    for backend in (tfx.Backend.MATH, tfx.Backend.XLA_FLASH):
+    for backend in (tfx.Backend.MATH, tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH):
         with tfx.sdpa_kernel(backend):
             outs.append(np.asarray(tfx.sdpa(q, k, v, is_causal=True)))
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], atol=1e-5)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformax import tuning
 from transformax.attention import select
 from transformax.attention.masks import CausalMask
 from transformax.attention.primitive import attention, current_platform
@@ -219,3 +220,14 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     call = _Call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  dropout_rng)
     return select.explanation(call.problem)
+
+
+def autotune(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False, *, dropout_rng=None, return_lse=False) -> select.Explanation:
+    """Times candidate configurations of the kernels that would run these arguments (forward and
+    backward, on this host), stores the winners in the tuning cache (``transformax.tuning``), and
+    returns ``explain``'s report, which shows them. Later calls of the same problem class use
+    them."""
+    with tuning.autotuning():
+        return explain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                       dropout_rng=dropout_rng, return_lse=return_lse)

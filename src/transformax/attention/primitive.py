@@ -118,6 +118,8 @@ def _plain(aval):
 def _lowering(prim, platform):
     def rule(ctx, *args, problem, plan):
         name = _kernel_name(problem, plan, platform, _split_by_partitioner(ctx))
+        if ctx.module_context.lowering_parameters.for_export:  # jax.export: stable targets only
+            name = select.exportable(problem, platform, name)
         run = functools.partial(_RUNNERS[prim], problem, name)
         # The kernel is a local computation: trace it on plain (unsharded, invariant) types.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import enum
 import importlib
 from collections.abc import Iterable, Iterator
+
+import jax
 
 from transformax.attention import tune
 from transformax.attention.problem import Problem
@@ -40,8 +41,9 @@ PRIORITY = {
 _IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH, Backend.CPU_FLASH, Backend.PALLAS_TRITON,
                 Backend.PALLAS_TPU, Backend.CUDNN}
 
-_allowed: contextvars.ContextVar[tuple[tuple[Backend, ...], bool] | None] = (
-    contextvars.ContextVar("transformax_sdpa_kernel", default=None))
+# (allowed backends, set_priority) or None. A JAX user context: part of jit's cache key, so a
+# function jitted outside a ``sdpa_kernel`` block is traced again inside one. Per thread.
+_allowed = jax.make_user_context(None)
 
 
 def kernel(backend: Backend):
@@ -64,11 +66,8 @@ def sdpa_kernel(backends: Backend | Iterable[Backend], set_priority: bool = Fals
                          f"one of {[b.value for b in Backend]}; got {list(backends)!r}") from err
     if not chosen:
         raise ValueError("sdpa_kernel: backends is empty; name at least one tfx.Backend")
-    token = _allowed.set((chosen, set_priority))
-    try:
+    with _allowed((chosen, set_priority)):
         yield
-    finally:
-        _allowed.reset(token)
 
 
 def reasons_unsupported(backend: Backend, problem: Problem, platform: str) -> list[str]:
@@ -102,7 +101,7 @@ class Verdict:
 
 def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     """Every kernel for ``platform``, in the order the selector tries them."""
-    context = _allowed.get()
+    context = _allowed.value
     order = list(PRIORITY[platform])
     if context is not None and context[1]:
         order = list(context[0]) + [b for b in order if b not in context[0]]
@@ -149,6 +148,17 @@ def config_description(backend: Backend, problem: Problem) -> str | None:
         return None
     return "; ".join(f"{pass_} {tune.choose(module, problem, pass_).describe()}"
                      for pass_ in tune.PASSES)
+
+
+def exportable(problem: Problem, platform: str, name: str) -> str:
+    """``name``, or where its kernel cannot be serialized by ``jax.export`` (a custom call with
+    no compatibility guarantee) the first eligible kernel that can."""
+    if getattr(kernel(Backend(name)), "EXPORTABLE", True):
+        return name
+    for verdict in verdicts(problem, platform):
+        if verdict.eligible and getattr(kernel(verdict.backend), "EXPORTABLE", True):
+            return verdict.backend.value
+    raise no_kernel_error(problem, platform)
 
 
 def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:

@@ -31,6 +31,8 @@ else:
     jax.ffi.register_ffi_target("tfx_cpu_flash_bwd", _flash_cpu.backward, platform="cpu")
 
 NAME = "cpu_flash"
+# Its FFI targets carry no serialization guarantee: jax.export lowers the next eligible kernel.
+EXPORTABLE = False
 _ISA_CODES = {"avx2": 0, "avx512": 1}
 _DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
