@@ -100,7 +100,8 @@ def test_sharded_and_dtype(folders):
     out = models.save_pretrained(module, params, cfg, root / "llama_bf16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     again = models.load_pretrained(out)[1]
-    np.testing.assert_array_equal(np.asarray(again["embed"]), np.asarray(params["embed"], np.float32))
+    np.testing.assert_array_equal(np.asarray(again["embed"]),
+                                  np.asarray(params["embed"], np.float32))
 
 
 def test_from_hf_accepts_a_config_dict(folders):
@@ -113,6 +114,8 @@ def test_from_hf_accepts_a_config_dict(folders):
     np.testing.assert_array_equal(params["lm_head"]["w"], params2["lm_head"]["w"])
     # keys left out of config.json take the transformers defaults
     assert gpt.config_from_hf({"n_layer": 2}) == gpt.Config(n_layer=2, dropout=0.1)
+    with pytest.raises(ValueError, match="from_hf: a model_type='llama' config, expected 'gpt2'"):
+        gpt.from_hf(made["llama_gqa"][0])
 
 
 def test_mismatched_state_dicts_are_refused(folders):
@@ -144,6 +147,14 @@ def test_mismatched_state_dicts_are_refused(folders):
     bert_state = dict(made["bert"][0].state_dict(), **{"classifier.weight": torch.zeros(2, 32)})
     with pytest.raises(ValueError, match=r"does not use \[classifier.weight\]"):
         bert.from_hf(bert_state, config=made["bert"][0].config)
+
+
+def test_eos_id(folders):
+    root, _ = folders
+    assert models.pretrained.eos_id(root / "llama_gqa", 96) == 2  # LlamaConfig's default
+    with pytest.warns(UserWarning, match=r"eos_token_id=50256 is outside the vocabulary \(0 to "
+                                         r"95\); generation will not stop early"):
+        assert models.pretrained.eos_id(root / "gpt2", 96) is None
 
 
 def test_folder_errors(folders, tmp_path):

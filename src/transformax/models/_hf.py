@@ -73,10 +73,16 @@ class Layout:
 
 def hf_config(config, defaults: dict) -> dict:
     """A Hugging Face config (a ``PretrainedConfig`` or a ``config.json`` dict) as a dict,
-    ``defaults`` (the ``transformers`` class defaults) filling the keys it leaves out."""
+    ``defaults`` (the ``transformers`` class defaults, with ``model_type``) filling the keys it
+    leaves out. A config of another ``model_type`` raises ``ValueError``."""
     if not isinstance(config, Mapping):
         config = config.to_dict()
-    return {**defaults, **config}
+    config = {**defaults, **config}
+    if config["model_type"] != defaults["model_type"]:
+        raise ValueError(f"from_hf: a model_type={config['model_type']!r} config, expected "
+                         f"{defaults['model_type']!r} (transformax.models.from_hf picks the "
+                         f"module by model_type)")
+    return config
 
 
 def _numpy(value) -> np.ndarray:

@@ -117,9 +117,9 @@ def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
 
 
 HF_PREFIX = "bert."
-HF_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
-                   num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
-                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+HF_DEFAULTS = dict(model_type="bert", vocab_size=30522, hidden_size=768,
+                   num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                    max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
                    initializer_range=0.02, position_embedding_type="absolute")
 
@@ -144,7 +144,7 @@ def config_from_hf(hf_cfg, **overrides) -> Config:
 def config_to_hf(cfg: Config) -> dict:
     """The ``config.json`` of a Hugging Face ``BertForMaskedLM`` equal to ``cfg`` (``AutoModel``
     reads it as a ``BertModel``)."""
-    return dict(HF_DEFAULTS, model_type="bert", architectures=["BertForMaskedLM"],
+    return dict(HF_DEFAULTS, architectures=["BertForMaskedLM"],
                 vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, hidden_size=cfg.dim,
                 intermediate_size=cfg.hidden_dim, max_position_embeddings=cfg.max_position,

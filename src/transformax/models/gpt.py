@@ -112,10 +112,11 @@ def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, r
 
 
 HF_PREFIX = "transformer."
-HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                   n_inner=None, activation_function="gelu_new", resid_pdrop=0.1,
-                   layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,
-                   scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True)
+HF_DEFAULTS = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768,
+                   n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
+                   resid_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02,
+                   scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                   tie_word_embeddings=True)
 
 
 def config_from_hf(hf_cfg, **overrides) -> Config:
@@ -141,7 +142,7 @@ def config_from_hf(hf_cfg, **overrides) -> Config:
 
 def config_to_hf(cfg: Config) -> dict:
     """The ``config.json`` of a Hugging Face ``GPT2LMHeadModel`` equal to ``cfg``."""
-    return dict(HF_DEFAULTS, model_type="gpt2", architectures=["GPT2LMHeadModel"],
+    return dict(HF_DEFAULTS, architectures=["GPT2LMHeadModel"],
                 vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                 n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout,
                 embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,

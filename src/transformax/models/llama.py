@@ -129,12 +129,13 @@ def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, r
 
 
 HF_PREFIX = "model."
-HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
-                   head_dim=None, hidden_act="silu", max_position_embeddings=2048,
-                   rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, rope_parameters=None,
-                   tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                   attention_dropout=0.0, initializer_range=0.02)
+HF_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096,
+                   intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                   max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   rope_scaling=None, rope_parameters=None, tie_word_embeddings=False,
+                   attention_bias=False, mlp_bias=False, attention_dropout=0.0,
+                   initializer_range=0.02)
 
 
 def _rope_from_hf(c: dict) -> tuple[float, nn.RopeScaling | None]:
@@ -189,7 +190,7 @@ def config_from_hf(hf_cfg, **overrides) -> Config:
 def config_to_hf(cfg: Config) -> dict:
     """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to ``cfg``."""
     rope = _rope_to_hf(cfg)
-    return dict(HF_DEFAULTS, model_type="llama", architectures=["LlamaForCausalLM"],
+    return dict(HF_DEFAULTS, architectures=["LlamaForCausalLM"],
                 vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                 hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, head_dim=cfg.head_dim,

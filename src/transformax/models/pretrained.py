@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,15 +55,21 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def eos_id(folder: str | Path) -> int | None:
+def eos_id(folder: str | Path, vocab_size: int) -> int | None:
     """The end-of-text id in ``generation_config.json`` (else ``config.json``); the first of a
-    list; ``None`` if neither names one."""
+    list; ``None`` if neither names one, or (with a warning) if it is outside the vocabulary."""
     folder = Path(folder)
     for name in ("generation_config.json", "config.json"):
         if (folder / name).is_file():
             eos = json.loads((folder / name).read_text()).get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) and eos else eos
+            if isinstance(eos, int) and 0 <= eos < vocab_size:
+                return eos
             if eos is not None:
-                return eos[0] if isinstance(eos, list) else eos
+                warnings.warn(f"{folder / name}: eos_token_id={eos} is outside the vocabulary "
+                              f"(0 to {vocab_size - 1}); generation will not stop early",
+                              stacklevel=2)
+                return None
     return None
 
 
