@@ -58,6 +58,10 @@ def test_initialize_from_config_then_environment(calls, monkeypatch):
     assert calls == [(("host:1234", 2, 1), {"initialization_timeout": 7,
                                            "heartbeat_timeout_seconds": 7}),
                      (("other:99", 4, 3), timeouts)]
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError) as err:
+        sharding.initialize_distributed(config_lib.DistConfig())
+    assert str(err.value) == "environment variable JAX_NUM_PROCESSES='two': expected an integer"
 
 
 RUN = r"""

@@ -29,17 +29,26 @@ def initialize_distributed(cfg: DistConfig) -> bool:
     describes several processes. A process that does not start, or stops, within
     ``cfg.timeout_s`` makes the others fail with jax's error instead of waiting forever."""
     coordinator = cfg.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    num_processes = cfg.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-    process_id = cfg.process_id if cfg.process_id >= 0 else int(
-        os.environ.get("JAX_PROCESS_ID", "-1"))
-    several = (num_processes > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-               or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    num_processes = cfg.num_processes or _env_int("JAX_NUM_PROCESSES", 0)
+    process_id = cfg.process_id if cfg.process_id >= 0 else _env_int("JAX_PROCESS_ID", -1)
+    several = (coordinator != "" or num_processes > 1 or _env_int("SLURM_NTASKS", 1) > 1
+               or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1)
     if several and not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator or None, num_processes or None, None if process_id < 0 else process_id,
             initialization_timeout=cfg.timeout_s, heartbeat_timeout_seconds=cfg.timeout_s)
     return several
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
