@@ -203,7 +203,7 @@ def _load_generator(path: Path):
         tokenizer = tokenizer_lib.load(path)
     except FileNotFoundError:
         tokenizer = None
-    return module, params, cfg, tokenizer, models.pretrained.eos_id(path)
+    return module, params, cfg, tokenizer, models.pretrained.eos_id(path, cfg.vocab_size)
 
 
 def generate_main(argv: list[str] | None = None) -> int:

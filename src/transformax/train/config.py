@@ -103,6 +103,7 @@ class LogConfig:
     # per device, for MFU; the default: 2 AVX-512 cores, 64 f32 FLOP/cycle each at ~3 GHz
     peak_tflops: float = 0.4
     profile: str = ""  # "START:STOP": a jax.profiler trace of those steps in the run's profile/
+    tensorboard: bool = False  # also write the metrics as TensorBoard events in tensorboard/
 
 
 @dataclasses.dataclass

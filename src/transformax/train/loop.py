@@ -30,6 +30,7 @@ from transformax.train.interrupt import Interrupted, stop_on_signals
 from transformax.train.metrics import MetricsLog, mfu, plot_losses
 from transformax.train.runlock import run_lock
 from transformax.train.samples import sample_text
+from transformax.train.tensorboard import EventWriter
 from transformax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 
@@ -127,6 +128,7 @@ class _Run:
         self.tx = optim.optimizer(cfg.optim, t.steps)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.tensorboard = EventWriter(run_dir / "tensorboard") if cfg.log.tensorboard else None
         self.records: list[dict] = []
 
     def loss_fn(self, params, batch, rng):
@@ -329,6 +331,8 @@ class _Run:
         if not self.main:
             return
         self.log.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if show:
             text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in record.items())
