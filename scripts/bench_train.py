@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformax import train
+from transformax import host, train
 from transformax.cli import tune_malloc
 
 CONFIGS = {
@@ -211,14 +210,6 @@ def ratios(r: dict) -> dict:
     return {n: v[a] / v[b] for n, a, b in pairs if a in v and b in v}
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -232,6 +223,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.no_malloc_tuning:
         tune_malloc()
+    print(f"host: {host.current().describe()}")
     results = []
     for name in args.configs:
         r = bench(name, CONFIGS[name], args.iters, args.rounds, args.nojit_iters, set(args.skip))
@@ -248,9 +240,9 @@ def main() -> None:
         print("  ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-    out.write_text(json.dumps({"machine": cpu_model(),
-                               "cpus": os.cpu_count(), "jax": jax.__version__, "env": env,
+    env = {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES", "ATEN_CPU_CAPABILITY",
+                                          "MKL_ENABLE_INSTRUCTIONS", "TRANSFORMAX_CPU_ISA")}
+    out.write_text(json.dumps({"host": host.current().as_json(), "env": env,
                                "results": results}, indent=1))
     print(f"\nwrote {out}")
 
