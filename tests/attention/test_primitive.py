@@ -150,6 +150,17 @@ def test_explicit_mesh_keeps_shardings_jit_and_no_jit():
     np.testing.assert_allclose(batched[0], out, atol=1e-6)
 
 
+def test_explicit_key_sharded_unlike_the_query():
+    with jax.set_mesh(_mesh(AxisType.Explicit)):
+        q, k = jax.device_put(Q, P("data")), jax.device_put(K, P("tensor"))
+        with pytest.raises(ValueError) as err:
+            tfx.sdpa(q, k, V)
+    assert str(err.value) == (
+        "sdpa: key (shape (2, 3, 24, 8)) is sharded P('tensor', None, None, None) on an explicit "
+        "mesh: its batch dim is split over 'tensor'; shard it like the query, "
+        "P('data', None, None, None)")
+
+
 def test_explicit_sequence_sharding_names_context_parallelism():
     with jax.set_mesh(_mesh(AxisType.Explicit)):
         q = jax.device_put(Q, P(None, None, "data"))
@@ -187,6 +198,13 @@ EIGHT_DEVICES = textwrap.dedent("""
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
 
     explicit = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(explicit):
+        try:
+            tfx.sdpa(jax.device_put(q, spec), k[:, :2], v[:, :2], enable_gqa=True)
+            raise AssertionError("2 key/value heads split 4 ways")
+        except ValueError as err:
+            assert str(err) == ("sdpa: the query heads are split 4 ways over 'tensor' but the 2 "
+                                "key/value heads do not divide by 4"), err
     for backend in (tfx.Backend.XLA_FLASH, tfx.Backend.PALLAS_TRITON, tfx.Backend.PALLAS_TPU):
         with jax.set_mesh(explicit), tfx.sdpa_kernel(backend):
             args = [jax.device_put(x, s) for x, s in

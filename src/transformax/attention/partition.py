@@ -64,7 +64,7 @@ def explicit(problem: Problem, fn, q, k, v, mask, seed):
         bm, hm = problem.mask_shape[:2]
         named.append(("attn_mask", mask, (batch if bm > 1 else None, heads if hm > 1 else None,
                                           None, None)))
-    operands = [_resharded(mesh, *x) for x in named]
+    operands = [_resharded(*x) for x in named]
     specs = [P(*spec) for *_, spec in named]
     local = dataclasses.replace(
         problem, batch=problem.batch // n_batch, q_heads=problem.q_heads // n_heads,
@@ -91,14 +91,11 @@ def explicit(problem: Problem, fn, q, k, v, mask, seed):
                          out_specs=(P(*q_spec), P(*q_spec[:3])))(*operands)
 
 
-def _resharded(mesh, name: str, x, spec: tuple):
+def _resharded(name: str, x, spec: tuple):
     """``x`` placed as ``spec``: dims it does not split yet are split (a local slice); a dim
     split otherwise is an error, naming the context-parallel layout for sequence dims."""
     have = _spec(x)
     for dim, (got, want) in enumerate(zip(have, spec)):
-        if want is not None and x.shape[dim] % _size(mesh, want):
-            raise ValueError(f"sdpa: {name} (shape {tuple(x.shape)}): its {_DIMS[dim]} dim "
-                             f"does not divide over mesh axes {want!r}")
         if got is None or got == want:
             continue
         hint = ("sdpa splits over batch and heads only: reshard the sequence whole, or use a "
