@@ -31,12 +31,17 @@ run() {
   timeout -s INT -k 10 "$seconds" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   local result="ok"
-  if [[ $rc -eq 124 || $rc -eq 137 ]]; then result="TIMEOUT"; elif [[ $rc -ne 0 ]]; then result="FAILED (exit $rc)"; fi
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    result="TIMEOUT"
+  elif [[ $rc -ne 0 ]]; then
+    result="FAILED (exit $rc)"
+  fi
   [[ "$result" == ok ]] || status=1
   echo "$name: $result in $((SECONDS - start)) s" | tee -a "$log" "$out/stages.txt"
 }
 
-timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
+timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
+  | tee -a "$log"
 run "gpu in use" 20 python3 -c "
 import jax
 print('jax', jax.__version__, jax.devices())
