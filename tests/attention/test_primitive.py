@@ -150,26 +150,22 @@ def test_explicit_mesh_keeps_shardings_jit_and_no_jit():
     np.testing.assert_allclose(batched[0], out, atol=1e-6)
 
 
-def test_explicit_key_sharded_unlike_the_query():
+@pytest.mark.parametrize("q_spec, k_spec, message", [
+    (P("data"), P("tensor"),
+     "sdpa: key (shape (2, 3, 24, 8)) is sharded P('tensor', None, None, None) on an explicit "
+     "mesh: its batch dim is split over 'tensor'; shard it like the query, "
+     "P('data', None, None, None)"),
+    (P(None, None, "data"), P(),
+     "sdpa: query (shape (2, 3, 24, 8)) is sharded P(None, None, 'data', None) on an "
+     "explicit mesh: its sequence dim is split over 'data'; sdpa splits over batch and heads "
+     "only: reshard the sequence whole, or use a context-parallel (ring attention) layout"),
+])
+def test_explicit_sharding_errors(q_spec, k_spec, message):
     with jax.set_mesh(_mesh(AxisType.Explicit)):
-        q, k = jax.device_put(Q, P("data")), jax.device_put(K, P("tensor"))
+        q, k = jax.device_put(Q, q_spec), jax.device_put(K, k_spec)
         with pytest.raises(ValueError) as err:
             tfx.sdpa(q, k, V)
-    assert str(err.value) == (
-        "sdpa: key (shape (2, 3, 24, 8)) is sharded P('tensor', None, None, None) on an explicit "
-        "mesh: its batch dim is split over 'tensor'; shard it like the query, "
-        "P('data', None, None, None)")
-
-
-def test_explicit_sequence_sharding_names_context_parallelism():
-    with jax.set_mesh(_mesh(AxisType.Explicit)):
-        q = jax.device_put(Q, P(None, None, "data"))
-        with pytest.raises(ValueError) as err:
-            tfx.sdpa(q, K, V)
-    assert str(err.value) == (
-        "sdpa: query (shape (2, 3, 24, 8)) is sharded P(None, None, 'data', None) on an "
-        "explicit mesh: its sequence dim is split over 'data'; sdpa splits over batch and heads "
-        "only: reshard the sequence whole, or use a context-parallel (ring attention) layout")
+    assert str(err.value) == message
 
 
 EIGHT_DEVICES = textwrap.dedent("""
