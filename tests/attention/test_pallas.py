@@ -136,6 +136,13 @@ def test_tpu_interpret(case):
                        interpret=pltpu.InterpretParams())
 
 
+@pytest.mark.slow
+def test_tpu_per_row_float_mask_default_tiles():
+    """The reported case: default 512-row tiles, a ragged last query tile, a mask per row."""
+    check_against_math(problem(lq=600, s=640, mask=(np.float32, (1, 2, 600, 640))), pallas_tpu,
+                       interpret=pltpu.InterpretParams())
+
+
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="selection on cpu (run with JAX_PLATFORMS=cpu)")
 
