@@ -15,7 +15,29 @@
 
 namespace ffi = xla::ffi;
 
+namespace tfx {
+
+// The attributes of both calls, set by transformax/attention/backends/cpu_flash.py.
+struct Options {
+  int64_t mask_kind, causal, causal_offset;
+  float scale;
+  int64_t dropout_threshold;
+  float inv_keep;
+  int64_t block_q, block_k, isa, threads;
+};
+
+}  // namespace tfx
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    tfx::Options, ffi::StructMember<int64_t>("mask_kind"), ffi::StructMember<int64_t>("causal"),
+    ffi::StructMember<int64_t>("causal_offset"), ffi::StructMember<float>("scale"),
+    ffi::StructMember<int64_t>("dropout_threshold"), ffi::StructMember<float>("inv_keep"),
+    ffi::StructMember<int64_t>("block_q"), ffi::StructMember<int64_t>("block_k"),
+    ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"));
+
 namespace {
+
+using tfx::Options;
 
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
 
@@ -94,19 +116,17 @@ bool isa_supported(int64_t isa) {
 }
 
 ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                       ffi::AnyBuffer mask, ffi::AnyBuffer seed, int64_t mask_kind,
-                       int64_t causal, int64_t causal_offset, float scale, int64_t threshold,
-                       float inv_keep, int64_t block_q, int64_t block_k, int64_t isa) {
+                       ffi::AnyBuffer mask, ffi::AnyBuffer seed, const Options& o) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("tfx native attention: q, k, v must have rank 4");
   if (q.element_type() != ffi::F32 || k.element_type() != ffi::F32 ||
       v.element_type() != ffi::F32)
     return ffi::Error::InvalidArgument("tfx native attention: q, k, v must be float32");
-  if (block_q < 1 || block_q > 512 || block_k < 1 || block_k > 4096)
+  if (o.block_q < 1 || o.block_q > 512 || o.block_k < 1 || o.block_k > 4096 || o.threads < 1)
     return ffi::Error::InvalidArgument("tfx native attention: block_q must be in [1, 512] and "
-                                       "block_k in [1, 4096]");
-  if (!isa_supported(isa))
+                                       "block_k in [1, 4096], threads >= 1");
+  if (!isa_supported(o.isa))
     return ffi::Error::InvalidArgument("tfx native attention: this CPU lacks the requested ISA");
   a.batch = qd[0]; a.q_heads = qd[1]; a.q_len = qd[2]; a.head_dim = qd[3];
   a.kv_heads = kd[1]; a.kv_len = kd[2]; a.v_head_dim = vd[3];
@@ -114,29 +134,29 @@ ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
       kd[3] != a.head_dim || vd[1] != a.kv_heads || vd[2] != a.kv_len)
     return ffi::Error::InvalidArgument("tfx native attention: inconsistent q/k/v shapes");
   a.q = q.typed_data<float>(); a.k = k.typed_data<float>(); a.v = v.typed_data<float>();
-  a.block_q = block_q; a.block_k = block_k;
-  a.scale = scale; a.inv_keep = inv_keep;
-  a.causal = causal != 0; a.causal_offset = causal_offset;
-  a.mask_kind = int(mask_kind);
+  a.block_q = o.block_q; a.block_k = o.block_k;
+  a.scale = o.scale; a.inv_keep = o.inv_keep;
+  a.causal = o.causal != 0; a.causal_offset = o.causal_offset;
+  a.mask_kind = int(o.mask_kind);
   a.mask = static_cast<const char*>(mask.untyped_data());
-  if (mask_kind != MASK_NONE) {
+  if (o.mask_kind != MASK_NONE) {
     auto md = mask.dimensions();
-    bool ok = md.size() == 4 && (mask_kind == MASK_BOOL ? mask.element_type() == ffi::PRED
-                                                        : mask.element_type() == ffi::F32);
+    bool ok = md.size() == 4 && (o.mask_kind == MASK_BOOL ? mask.element_type() == ffi::PRED
+                                                          : mask.element_type() == ffi::F32);
     const long full[4] = {a.batch, a.q_heads, a.q_len, a.kv_len};
     for (int d = 0; ok && d < 4; ++d) ok = md[d] == 1 || md[d] == full[d];
     if (!ok)
       return ffi::Error::InvalidArgument("tfx native attention: the mask must be bool or f32 of "
                                          "shape (1|B, 1|Hq, 1|L, 1|S)");
-    a.mask_itemsize = mask_kind == MASK_BOOL ? 1 : 4;
+    a.mask_itemsize = o.mask_kind == MASK_BOOL ? 1 : 4;
     long stride = 1;
     for (int d = 3; d >= 0; --d) {
       a.mask_stride[d] = md[d] == 1 ? 0 : stride;
       stride *= md[d];
     }
   }
-  a.dropout = threshold > 0;
-  a.dropout_threshold = uint32_t(threshold);
+  a.dropout = o.dropout_threshold > 0;
+  a.dropout_threshold = uint32_t(o.dropout_threshold);
   a.seed = static_cast<const uint32_t*>(seed.untyped_data());
   if (a.dropout && (seed.element_type() != ffi::U32 || seed.element_count() != 2))
     return ffi::Error::InvalidArgument("tfx native attention: the dropout seed must be uint32[2]");
@@ -146,12 +166,9 @@ ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer seed,
                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                        int64_t mask_kind, int64_t causal, int64_t causal_offset, float scale,
-                        int64_t threshold, float inv_keep, int64_t block_q, int64_t block_k,
-                        int64_t isa, int64_t threads) {
+                        Options o) {
   Attention a{};
-  ffi::Error err = read_common(a, q, k, v, mask, seed, mask_kind, causal, causal_offset, scale,
-                               threshold, inv_keep, block_q, block_k, isa);
+  ffi::Error err = read_common(a, q, k, v, mask, seed, o);
   if (err.failure()) return err;
   a.out = out->typed_data<float>();
   a.lse = lse->typed_data<float>();
@@ -159,10 +176,10 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   const long items = a.batch * a.q_heads * nq;
   // Causal query blocks cost more the later they are: hand those out first.
   auto order = [&](long i) { return a.causal ? i / nq * nq + (nq - 1 - i % nq) : i; };
-  if (isa == ISA_AVX512)
-    avx512::run_forward(pool, a, threads, items, order);
+  if (o.isa == ISA_AVX512)
+    avx512::run_forward(pool, a, o.threads, items, order);
   else
-    avx2::run_forward(pool, a, threads, items, order);
+    avx2::run_forward(pool, a, o.threads, items, order);
   return ffi::Error::Success();
 }
 
@@ -170,12 +187,9 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
                          ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer seed,
                          ffi::AnyBuffer lse, ffi::AnyBuffer delta, ffi::AnyBuffer dout,
                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, int64_t mask_kind, int64_t causal,
-                         int64_t causal_offset, float scale, int64_t threshold, float inv_keep,
-                         int64_t block_q, int64_t block_k, int64_t isa, int64_t threads) {
+                         ffi::Result<ffi::AnyBuffer> dv, Options o) {
   Attention a{};
-  ffi::Error err = read_common(a, q, k, v, mask, seed, mask_kind, causal, causal_offset, scale,
-                               threshold, inv_keep, block_q, block_k, isa);
+  ffi::Error err = read_common(a, q, k, v, mask, seed, o);
   if (err.failure()) return err;
   a.backward = true;
   a.lse = const_cast<float*>(lse.typed_data<float>());
@@ -185,10 +199,10 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   a.dk = dk->typed_data<float>();
   a.dv = dv->typed_data<float>();
   const long items = a.batch * a.kv_heads;
-  if (isa == ISA_AVX512)
-    avx512::run_backward(pool, a, threads, items);
+  if (o.isa == ISA_AVX512)
+    avx512::run_backward(pool, a, o.threads, items);
   else
-    avx2::run_backward(pool, a, threads, items);
+    avx2::run_backward(pool, a, o.threads, items);
   return ffi::Error::Success();
 }
 
@@ -204,16 +218,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxFlashForward, forward_impl,
                                   .Arg<ffi::AnyBuffer>()  // seed
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<int64_t>("mask_kind")
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("causal_offset")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("dropout_threshold")
-                                  .Attr<float>("inv_keep")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("threads"));
+                                  .Attrs<Options>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxFlashBackward, backward_impl,
                               ffi::Ffi::Bind()
@@ -229,29 +234,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxFlashBackward, backward_impl,
                                   .Ret<ffi::AnyBuffer>()  // dq
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
-                                  .Attr<int64_t>("mask_kind")
-                                  .Attr<int64_t>("causal")
-                                  .Attr<int64_t>("causal_offset")
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("dropout_threshold")
-                                  .Attr<float>("inv_keep")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("threads"));
+                                  .Attrs<Options>());
 
-// The Python module: capsules for jax.ffi.register_ffi_target and the CPU's ISA support.
+// The Python module: capsules for jax.ffi.register_ffi_target.
 static PyObject* capsule(void* handler) { return PyCapsule_New(handler, nullptr, nullptr); }
 
-static PyObject* supports(PyObject*, PyObject* arg) {
-  long isa = PyLong_AsLong(arg);
-  if (isa == -1 && PyErr_Occurred()) return nullptr;
-  return PyBool_FromLong(isa_supported(isa));
-}
-
-static PyMethodDef methods[] = {
-    {"supports", supports, METH_O, "Whether this CPU supports ISA (0: AVX2+FMA, 1: AVX-512)."},
-    {nullptr, nullptr, 0, nullptr}};
+static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_flash_cpu",
                              "Native CPU flash attention (XLA FFI handlers).", -1, methods};

@@ -107,8 +107,14 @@ static void gemm_panels(long M, long n0, long n1, long K, const float* A, long a
 static void gemm(long M, long N, long K, const float* A, long a_rs, long a_cs, const float* B,
                  long ldb, float* C, long ldc, bool accumulate) {
   const long wide = N / (NR * VW) * (NR * VW);
-  gemm_panels<NR>(M, 0, wide, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
-  gemm_panels<1>(M, wide, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+  const long depth = 8192 / (NR * VW);  // rows of a 32 KiB panel of B, which stays in L1
+  for (long k0 = 0; k0 < K; k0 += depth, accumulate = true) {
+    const long kc = K - k0 < depth ? K - k0 : depth;
+    const float* a = A + k0 * a_cs;
+    const float* b = B + k0 * ldb;
+    gemm_panels<NR>(M, 0, wide, kc, a, a_rs, a_cs, b, ldb, C, ldc, accumulate);
+    gemm_panels<1>(M, wide, N, kc, a, a_rs, a_cs, b, ldb, C, ldc, accumulate);
+  }
 }
 
 // Copies rows x cols of src (row stride lds) into dst (row stride ldd), scaled, zero-padded to
@@ -130,15 +136,9 @@ static void pack_transposed(const float* src, long lds, long cols, long depth, l
     for (long d = 0; d < depth; ++d) dst[d * ldd + c] = src[c * lds + d];
 }
 
-static inline unsigned fmix32(unsigned x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
-}
-
-static inline vu vfmix32(vu x) {
+// MurmurHash3's 32-bit finaliser on a uint32 or a vector of them.
+template <class T>
+static inline T fmix32(T x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;
   x ^= x >> 13;
@@ -177,7 +177,7 @@ static void keep_row(const Attention& a, long b, long h, long row, long col0, lo
   for (int i = 0; i < VW; ++i) lane[i] = unsigned(i);
   for (long c = 0; c < ldt; c += VW) {
     vu cols = lane + unsigned(col0 + c);
-    vu bits = vfmix32(row_key ^ (cols * 0x27D4EB2Fu + a.seed[1]));
+    vu bits = fmix32(row_key ^ (cols * 0x27D4EB2Fu + a.seed[1]));
     vi kept = bits >= a.dropout_threshold;
     store(keep + c, kept ? splat(1.f) : splat(0.f));
   }

@@ -33,12 +33,16 @@ def cpu_config(report, pass_="fwd"):
 
 def test_defaults_follow_the_l2_size(monkeypatch):
     real = host.current()
+    full = dataclasses.replace(PROBLEM, causal_offset=None)
     monkeypatch.setattr(host, "current", lambda: dataclasses.replace(real, l2=2 * 2**20))
-    assert cpu_flash.default_config(PROBLEM, "fwd").block_k == 512
+    big = cpu_flash.default_config(full, "fwd")
+    assert (big.block_q, big.block_k) == (256, 512)
     monkeypatch.setattr(host, "current", lambda: dataclasses.replace(real, l2=512 * 2**10))
-    small = cpu_flash.default_config(PROBLEM, "fwd")
-    assert small.block_k == 256
-    assert cpu_flash.working_set(PROBLEM, "fwd", small.block_q, small.block_k) <= 0.75 * 2**19
+    small = cpu_flash.default_config(full, "fwd")
+    assert (small.block_q, small.block_k) == (128, 256)
+    assert cpu_flash.working_set(full, "fwd", small.block_q, small.block_k) <= 0.75 * 2**19
+    causal = cpu_flash.default_config(PROBLEM, "fwd")
+    assert (causal.block_q, causal.block_k) == (128, 256)
     assert cpu_flash.default_config(PROBLEM, "bwd").block_k == 128
     assert xla_flash.default_config(PROBLEM, "fwd") == xla_flash.Config(128, 128)
 

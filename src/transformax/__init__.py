@@ -1,7 +1,7 @@
 """transformax: accelerated transformers for JAX.
 
 ``tfx.sdpa`` and its kernel selection are imported eagerly; the submodules ``nn``, ``models``,
-``generate``, ``flax`` and ``train`` load on first use (so ``import transformax`` stays light).
+``generate``, ``flax``, ``train`` and ``quant`` load on first use (so ``import transformax`` stays light).
 """
 
 import importlib
@@ -11,7 +11,7 @@ from transformax.attention import (Backend, CausalMask, autotune, causal_lower_r
                                    sdpa_kernel)
 from transformax.tuning import kernel_config
 
-_SUBMODULES = ("nn", "models", "generate", "flax", "train")
+_SUBMODULES = ("nn", "models", "generate", "flax", "train", "quant")
 
 __all__ = ["Backend", "CausalMask", "autotune", "causal_lower_right", "causal_upper_left",
            "explain", "kernel_config", "scaled_dot_product_attention", "sdpa", "sdpa_kernel",

@@ -2,6 +2,8 @@
 
 import threading
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import transformax as tfx
@@ -61,3 +63,15 @@ def test_kernels_agree():
             outs.append(np.asarray(tfx.sdpa(q, k, v, is_causal=True)))
     for out in outs[1:]:
         np.testing.assert_allclose(out, outs[0], atol=1e-5)
+
+
+def test_explain_reports_cost_without_allocating_a_million_token_problem():
+    big = jax.ShapeDtypeStruct((1, 8, 2**20, 64), jnp.float32)
+    report = tfx.explain(big, big, big, is_causal=True)
+    forward = 2.0 * 8 * (2**20 * (2**20 + 1) // 2) * 128
+    assert report.problem.flops() == (forward, 3.5 * forward)
+    text = str(report)
+    assert f"{forward / 1e9:.4g} GFLOP forward" in text
+    assert "cpu: (temporaries ~" in text and "GiB)" in text
+    with tfx.sdpa_kernel(tfx.Backend.MATH):
+        assert "cpu: (temporaries ~128 TiB)" in str(tfx.explain(big, big, big, is_causal=True))

@@ -59,6 +59,21 @@ class Problem:
     def has_dropout(self) -> bool:
         return self.dropout_p > 0.0
 
+    def visible_pairs(self) -> int:
+        """(query, key) pairs the causal structure leaves visible, per batch and head."""
+        if self.causal_offset is None:
+            return self.q_len * self.kv_len
+        offset = self.causal_offset
+        first = min(max(0, -offset), self.q_len)  # rows before it see no key
+        full = min(max(first, self.kv_len - offset - 1), self.q_len)  # rows from it see all
+        return sum_range(first, full, offset + 1) + (self.q_len - full) * self.kv_len
+
+    def flops(self) -> tuple[float, float]:
+        """Estimated FLOPs of the forward and of forward + backward (2.5x the forward more)."""
+        forward = 2.0 * self.batch * self.q_heads * self.visible_pairs() * (
+            self.head_dim + self.v_head_dim)
+        return forward, 3.5 * forward
+
     def tile_visibility(self, row0: int, row1: int, col0: int, col1: int) -> str:
         """Causal status of the tile rows [row0, row1) x cols [col0, col1): 'full', 'partial' or
         'none' (dense masks are not considered)."""
@@ -97,6 +112,11 @@ def row_delta(out, dout, dlse):
     """``rowsum(dout * out) - dlse`` in (at least) f32: the backward pass's per-row correction."""
     acc = jnp.promote_types(out.dtype, jnp.float32)
     return jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
+
+
+def sum_range(start: int, stop: int, shift: int) -> int:
+    """sum(i + shift for i in range(start, stop))."""
+    return (stop - start) * (start + stop - 1) // 2 + (stop - start) * shift
 
 
 def cdiv(a: int, b: int) -> int:

@@ -183,11 +183,25 @@ class Explanation:
                  f"S={p.kv_len} E={p.head_dim} Ev={p.v_head_dim} dtype={p.dtype} "
                  f"causal_offset={p.causal_offset} mask={p.mask_dtype}{p.mask_shape or ''} "
                  f"dropout_p={p.dropout_p}"]
+        forward, both = p.flops()
+        lines.append(f"cost: {forward / 1e9:.4g} GFLOP forward, {both / 1e9:.4g} GFLOP forward + "
+                     f"backward")
         for platform in PLATFORMS:
-            lines.append(f"{platform}:")
+            chosen = self.chosen(platform)
+            estimate = getattr(kernel(chosen), "temporary_bytes", None) if chosen else None
+            memory = f" (temporaries ~{_bytes(estimate(p))})" if estimate else ""
+            lines.append(f"{platform}:{memory}")
             lines += [f"  {v.backend.value:<18} {v.describe()}"
                       for v in self.rows if v.platform == platform]
         return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
 
 
 def explanation(problem: Problem) -> Explanation:

@@ -81,13 +81,28 @@ def working_set(problem: Problem, pass_: str, block_q: int, block_k: int) -> int
     return 4 * floats
 
 
+def temporary_bytes(problem: Problem) -> int:
+    """The packed key/value tiles and each thread's tiles (the backward's, the larger)."""
+    p, cfg = problem, tune.planned(NAME, problem, "bwd")
+    packed = 4 * p.batch * p.kv_heads * p.kv_len * (p.head_dim + p.v_head_dim)
+    dq = 4 * p.groups * p.q_len * p.head_dim
+    return packed + cfg.threads * (working_set(p, "bwd", cfg.block_q, cfg.block_k) + dq)
+
+
 def default_config(problem: Problem, pass_: str) -> Config:
-    """128 query rows and the widest key tile (up to 512 keys forward, 128 backward: measured
-    best on an AVX-512 host with 2 MiB of L2 per core) whose working set fits in 3/4 of the
-    host's per-core L2 (so a 512 KiB L2 gets 256-key forward tiles)."""
+    """Tiles measured best on a 2-core AVX-512 host (2 MiB of L2 per core), shrunk to fit 3/4 of
+    the host's per-core L2 (so a 512 KiB L2 gets 256-key tiles). Forward: 256 x 512 without a
+    causal mask; with one, 128 x 256 (64 rows up to 1024 queries), since diagonal tiles are
+    partly wasted. Backward: 128 x 128."""
     h = host.current()
-    block_q = min(128, max(problem.q_len, 1))
-    widest = 512 if pass_ == "fwd" else 128
+    causal = problem.causal_offset is not None
+    if pass_ == "bwd":
+        block_q, widest = 128, 128
+    elif causal:
+        block_q, widest = (64 if problem.q_len <= 1024 else 128), 256
+    else:
+        block_q, widest = (256 if h.l2 >= 2**20 else 128), 512
+    block_q = min(block_q, max(problem.q_len, 1))
     fitting = [bk for bk in (512, 256, 128, 64)
                if bk <= widest and working_set(problem, pass_, block_q, bk) <= 0.75 * h.l2]
     block_k = min(fitting[0] if fitting else 64, max(8, -(-problem.kv_len // 8) * 8))

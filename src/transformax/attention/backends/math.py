@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformax.attention.problem import Problem, dropout_keep, finite_or_zero, mask_scores
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     return []
+
+
+def temporary_bytes(problem: Problem) -> int:
+    """The materialised scores and probabilities, and their gradients in the backward."""
+    p = problem
+    return 4 * p.batch * p.q_heads * p.q_len * p.kv_len * np.dtype(p.acc_dtype).itemsize
 
 
 def _grouped(problem: Problem, x):
