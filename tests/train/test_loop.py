@@ -76,6 +76,7 @@ def test_resume_continues_exactly(tmp_path, straight):
     assert [r["step"] for r in logged if "loss" in r] == [10, 20]
 
 
+@pytest.mark.slow  # SIGTERM/SIGINT mid-run are in the default run (test_faults.py)
 def test_sigkill_then_resume_loses_nothing_beyond_the_last_checkpoint(tmp_path, straight):
     """A run killed mid-training (maybe mid-save) resumes from its last complete checkpoint and
     ends exactly where an uninterrupted run does."""

@@ -69,6 +69,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # the 8-device attention test in test_primitive.py stays in the default run
 def test_eight_devices_match_one_and_shard_the_params(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
