@@ -77,7 +77,7 @@ void parallel_for(ffi::ThreadPool& pool, long n, long threads, long scratch_floa
     }
   };
   long helpers = std::min(threads, n) - 1;
-  for (long t = 0; t < helpers; ++t) pool.Schedule([shared, n, scratch_floats, &item, work]() {
+  for (long t = 0; t < helpers; ++t) pool.Schedule([shared, n, work]() {
     if (shared->next.load() < n) work();
   });
   work();
