@@ -115,8 +115,7 @@ def verdicts(problem: Problem, platform: str) -> list[Verdict]:
             reasons = tuple(reasons_unsupported(backend, problem, platform))
         chosen = allowed and not reasons and not found
         found |= chosen
-        config = config_description(backend, problem) if chosen else None
-        rows.append(Verdict(platform, backend, allowed, reasons, chosen, config))
+        rows.append(Verdict(platform, backend, allowed, reasons, chosen))
     return rows
 
 
@@ -205,4 +204,8 @@ def _bytes(n: float) -> str:
 
 
 def explanation(problem: Problem) -> Explanation:
-    return Explanation(problem, tuple(v for p in PLATFORMS for v in verdicts(problem, p)))
+    """Every verdict, the chosen ones with their configuration (read here only: ``verdicts``
+    also runs on every ``sdpa`` trace, which needs no config descriptions)."""
+    rows = [dataclasses.replace(v, config=config_description(v.backend, problem)) if v.chosen
+            else v for p in PLATFORMS for v in verdicts(problem, p)]
+    return Explanation(problem, tuple(rows))
