@@ -25,3 +25,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
         if "tpu" in item.keywords and platform != "tpu":
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+
+
+@pytest.fixture
+def hf_gpt2_folder(tmp_path):
+    """A small random GPT-2 (vocabulary 96, end-of-text 95, no tokenizer) saved by transformers
+    in ``tmp_path``: ``(folder, params, cfg)`` with the params transformax reads from it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformax.models import gpt
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=95,
+        eos_token_id=95))
+    model.save_pretrained(tmp_path)
+    _, params, cfg = gpt.from_hf(model)
+    return tmp_path, params, cfg

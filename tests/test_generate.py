@@ -152,15 +152,8 @@ def test_generate_errors(gpt_model, prompts, kwargs, error, message):
         generate.generate(module, params, cfg, prompts[0], max_new_tokens=4, temperature=0)
 
 
-def test_command_on_hugging_face_folder(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=95,
-        eos_token_id=95))
-    model.save_pretrained(tmp_path)
-    _, params, cfg = gpt.from_hf(model)
+def test_command_on_hugging_face_folder(hf_gpt2_folder, capsys):
+    tmp_path, params, cfg = hf_gpt2_folder
     assert cfg == GPT  # so the compiled generate of the tests above is reused
     ids = list(range(1, 9))
     assert cli.generate_main([str(tmp_path), "--ids", *map(str, ids), "--max-new-tokens", "6",

@@ -227,8 +227,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=_number(int, 1, "an integer >= 1"), default=1,
                         help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantize", choices=("int8-weight", "int8-dynamic"),
-                        help="run the linear layers in int8 (transformax.quant recipe)")
+    parser.add_argument("--quantize", choices=("int8-weight", "int8-dynamic", "int8-static"),
+                        help="run the linear layers in int8 (transformax.quant recipe; "
+                             "int8-static calibrates on 4 batches of the run's own training "
+                             "data, or of the standard-library corpus for a model folder)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     _cache_flag(parser)
     args = parser.parse_args(argv)
@@ -263,7 +265,9 @@ def _generate(args) -> int:
     if args.quantize:
         from transformax import quant
 
-        params = quant.quantize(params, args.quantize)
+        calibration = (quant.folder_calibration(args.path, module, cfg, tokenizer)
+                       if args.quantize == "int8-static" else None)
+        params = quant.quantize(params, args.quantize, calibration=calibration)
     out = generate.generate(module, params, cfg, prompts, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             rng=jax.random.key(args.seed), eos_id=eos, pad_id=-1)

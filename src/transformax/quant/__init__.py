@@ -7,6 +7,7 @@ why; ``kernel([...])`` restricts the choice).
     logits = gpt.apply(qparams, tokens, cfg)
 """
 
+from transformax.quant.folder_data import folder_calibration
 from transformax.quant.matmul import explain, matmul
 from transformax.quant.qweight import QuantizedTable, QuantizedWeight
 from transformax.quant.quantize import dequantize, quantize
@@ -14,4 +15,4 @@ from transformax.quant.recipe import RECIPES, Recipe
 from transformax.quant.select import Kernel, kernel
 
 __all__ = ["RECIPES", "Kernel", "QuantizedTable", "QuantizedWeight", "Recipe", "dequantize",
-           "explain", "kernel", "matmul", "quantize"]
+           "explain", "folder_calibration", "kernel", "matmul", "quantize"]
