@@ -163,7 +163,7 @@ def test_folder_errors(folders, tmp_path):
         models.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ValueError, match=r"model_type='t5' is not supported; expected one of "
-                                         r"\['bert', 'gpt2', 'llama'\]"):
+                                         r"\['bert', 'gpt2', 'llama', 'mistral'\]"):
         models.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors or "

@@ -61,6 +61,24 @@ def test_cached_self_attention_matches_full():
     np.testing.assert_allclose(jnp.concatenate(steps, 1), reference(PARAMS, X, 4, 2), atol=1e-5)
 
 
+def test_rolling_cache_keeps_the_last_window_of_real_tokens():
+    buf = jnp.zeros((2, 1, 4, 1))  # a window of 4 slots
+    new = jnp.broadcast_to(jnp.arange(1.0, 7.0)[None, None, :, None], (2, 1, 6, 1))  # t + 1
+    pos, lengths = jnp.array([0, 3]), jnp.array([6, 2])
+    keys, _, (rolled, _) = kv_cache.roll((buf, buf), new, new, pos, lengths=lengths)
+    assert keys.shape == (2, 1, 10, 1)
+    # row 0: positions 0..5, the last four (2..5) in slots 2, 3, 0, 1; row 1: positions 3, 4
+    # (its two real tokens) in slots 3 and 0
+    np.testing.assert_array_equal(rolled[:, 0, :, 0], [[5, 6, 3, 4], [2, 0, 0, 1]])
+    mask = kv_cache.rolling_mask(pos, 6, 4)
+    assert mask.shape == (2, 1, 6, 10)
+    # row 1 at position 3: slots 0..2 hold positions 0..2, slot 3 nothing yet
+    np.testing.assert_array_equal(mask[1, 0, 0], [1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[1, 0, 1], [0, 1, 1, 0, 1, 1, 0, 0, 0, 0])
+    # row 0: an empty cache; position 5 sees positions 2..5
+    np.testing.assert_array_equal(mask[0, 0, 5], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+
+
 @pytest.mark.parametrize("name, fn", [
     ("self_attention", lambda x: nn.self_attention(PARAMS, x, n_head=4, n_kv_head=2,
                                                    is_causal=True)[0]),
@@ -68,6 +86,10 @@ def test_cached_self_attention_matches_full():
         PARAMS, x, n_head=4, n_kv_head=2, mask=nn.cache_mask(jnp.array([0, 2]), 6, 8),
         cache=(jnp.zeros((2, 2, 8, 8)),) * 2, cache_pos=jnp.array([0, 2]))[1][0]),
     ("init", lambda x: nn.init_cache(2, 2, 2, 8, 4).keys[1] + x.sum()),
+    ("roll", lambda x: kv_cache.roll((x[:, None, :4, :8],) * 2, x[:, None, :, 8:16],
+                                     x[:, None, :, 16:24], jnp.array([3, 9]),
+                                     lengths=jnp.array([6, 2]))[2][0]),
+    ("rolling_mask", lambda x: kv_cache.rolling_mask(jnp.array([3, 9]), 6, 4) * x.sum()),
 ])
 def test_jit_parity(name, fn):
     with jax.disable_jit():

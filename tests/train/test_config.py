@@ -15,7 +15,7 @@ TINY = str(CONFIGS / "gpt_tiny.yaml")
 def test_shipped_configs_load(path):
     cfg = config.load(str(path))
     assert cfg.name == path.stem
-    assert cfg.data.seq_len <= cfg.task.positions(cfg.model_config)
+    assert cfg.data.seq_len <= cfg.model_config.max_len
 
 
 def test_yaml_then_overrides():

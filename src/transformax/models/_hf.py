@@ -71,6 +71,13 @@ class Layout:
         return name if name.startswith(HEADS) or self.base_only else self.prefix + name
 
 
+def model_type(config) -> str | None:
+    """The ``model_type`` of a Hugging Face config (a ``PretrainedConfig`` or a ``config.json``
+    dict)."""
+    return (config.get("model_type") if isinstance(config, Mapping)
+            else getattr(config, "model_type", None))
+
+
 def hf_config(config, defaults: dict) -> dict:
     """A Hugging Face config (a ``PretrainedConfig`` or a ``config.json`` dict) as a dict,
     ``defaults`` (the ``transformers`` class defaults, with ``model_type``) filling the keys it

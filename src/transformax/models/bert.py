@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,10 @@ num_params = _common.num_params
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(nn.Precision):
-    """BERT hyperparameters; the defaults are BERT-base (Hugging Face's ``BertConfig()``)."""
+    """BERT hyperparameters; the defaults are BERT-base (Hugging Face's ``BertConfig()``).
+    ``max_len`` is ``max_position``; no GQA (``n_kv_head == n_head``)."""
+
+    max_len_field: ClassVar[str] = "max_position"
 
     vocab_size: int = 30522
     n_layer: int = 12
@@ -42,6 +46,18 @@ class Config(nn.Precision):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    @property
+    def max_len(self) -> int:
+        return self.max_position
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
 
 def init(key: jax.Array, cfg: Config) -> dict:
     """Parameters (with the MLM head): Normal(0, init_std) weights, zero biases, unit
@@ -51,7 +67,7 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
     def block(k):
         k_attn, k_mlp = jax.random.split(k)
-        return {"attn": nn.attention_init(k_attn, d, cfg.n_head, cfg.n_head, d // cfg.n_head,
+        return {"attn": nn.attention_init(k_attn, d, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
                                           std=std, dtype=dtype),
                 "attn_norm": nn.layer_norm_init(d, dtype=dtype),
                 "mlp": nn.gelu_mlp_init(k_mlp, d, cfg.hidden_dim, std=std, dtype=dtype),
@@ -78,11 +94,11 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.A
     padding rows still get hidden states). ``token_type_ids (B, T)`` default to 0.
     ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
     """
-    _common.check_tokens(tokens, cfg.max_position, "max_position")
-    if token_type_ids is not None and token_type_ids.shape != tokens.shape:
-        raise ValueError(f"token_type_ids must have the tokens' shape {tokens.shape}, got "
-                         f"{token_type_ids.shape}")
-    mask = None if attention_mask is None else _common.padding_mask(attention_mask, tokens)
+    _common.check_tokens(tokens, cfg)
+    for name, ids in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
+        if ids is not None:
+            _common.check_same_shape(name, ids, tokens)
+    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
     policy = cfg.policy
     p = policy.cast_to_compute(params)
     rate = cfg.dropout if train else 0.0
@@ -94,7 +110,7 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.A
              else nn.embed(emb["token_type"], token_type_ids))
     x = nn.dropout(nn.layer_norm(emb["norm"], x, eps=eps), rate, next(keys))
     for blk in p["blocks"]:
-        h, _ = nn.self_attention(blk["attn"], x, n_head=cfg.n_head, n_kv_head=cfg.n_head,
+        h, _ = nn.self_attention(blk["attn"], x, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
                                  mask=mask, dropout_rate=rate, dropout_rng=next(keys))
         x = nn.layer_norm(blk["attn_norm"], x + nn.dropout(h, rate, next(keys)), eps=eps)
         h = nn.gelu_mlp(blk["mlp"], x, approximate=False)

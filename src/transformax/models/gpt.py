@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import ClassVar
 
 import jax
 
 from transformax import nn
-from transformax.models import _common, _hf
+from transformax.models import _common, _hf, decoder
 
 num_params = _common.num_params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(nn.Precision):
-    """GPT-2 hyperparameters; the defaults are GPT-2 small (124M)."""
+    """GPT-2 hyperparameters; the defaults are GPT-2 small (124M). The decoder contract
+    (:mod:`transformax.models.decoder`): ``max_len`` is ``block_size``; no GQA, no sliding
+    window, no soft-capping; the head is tied."""
+
+    max_len_field: ClassVar[str] = "block_size"
+    tie_embeddings: ClassVar[bool] = True
+    sliding_window: ClassVar[None] = None
+    attn_logit_softcapping: ClassVar[None] = None
 
     vocab_size: int = 50257
     n_layer: int = 12
@@ -41,6 +49,22 @@ class Config(nn.Precision):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head
+
+    @property
+    def max_len(self) -> int:
+        return self.block_size
+
+    @property
+    def norm_eps(self) -> float:
+        return self.layer_norm_eps
+
+
+ARCH = decoder.Arch(embed="wte", position_table="wpe", attn_norm="ln_1", mlp_norm="ln_2",
+                    final_norm="ln_f", norm=nn.layer_norm, mlp=nn.gelu_mlp)
 
 
 def init(key: jax.Array, cfg: Config) -> dict:
@@ -66,19 +90,22 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
-          train: bool = False, rng: jax.Array | None = None) -> jax.Array:
+          document_ids: jax.Array | None = None, train: bool = False,
+          rng: jax.Array | None = None) -> jax.Array:
     """Logits ``(B, T, vocab_size)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
 
     ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding keys (positions stay
-    ``0..T-1``). ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
+    ``0..T-1``). ``document_ids (B, T)``: packed documents (runs of equal ids) that do not see
+    each other, positions restarting at each. ``train=True`` applies ``cfg.dropout`` with keys
+    drawn from ``rng``.
     """
-    return _common.decoder_apply(_forward, params, tokens, cfg, "block_size", attention_mask,
-                                 train, rng)
+    return decoder.apply(ARCH, params, tokens, cfg, attention_mask=attention_mask,
+                         document_ids=document_ids, train=train, rng=rng)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
     """An empty KV cache for ``batch`` rows of up to ``max_len <= block_size`` tokens."""
-    return _common.init_cache(cfg, batch, max_len, "block_size", cfg.n_head, cfg.head_dim)
+    return decoder.init_cache(cfg, batch, max_len)
 
 
 def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache, *,
@@ -87,28 +114,7 @@ def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache
     ``cache.pos[b]``), and the cache with their keys/values written. ``lengths (B,)``: how many
     of the ``T`` tokens are real in each row (right padding, default all); ``pos`` advances by
     it, so padding slots are overwritten by the next tokens."""
-    return _common.apply_cached(_forward, params, tokens, cfg, cache, lengths)
-
-
-def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, rng):
-    policy = cfg.policy
-    p = policy.cast_to_compute(params)
-    rate = cfg.dropout if train else 0.0
-    keys = iter(_common.dropout_keys(rng, rate, 1 + 3 * cfg.n_layer))
-    eps = cfg.layer_norm_eps
-    x = nn.dropout(nn.embed(p["wte"], tokens) + nn.embed(p["wpe"], positions), rate, next(keys))
-    kvs = []
-    for i, blk in enumerate(p["blocks"]):
-        h, kv = nn.self_attention(
-            blk["attn"], nn.layer_norm(blk["ln_1"], x, eps=eps), n_head=cfg.n_head,
-            n_kv_head=cfg.n_head, mask=mask, is_causal=is_causal, dropout_rate=rate,
-            dropout_rng=next(keys), **_common.layer_cache(cache, i))
-        x = x + nn.dropout(h, rate, next(keys))
-        x = x + nn.dropout(nn.gelu_mlp(blk["mlp"], nn.layer_norm(blk["ln_2"], x, eps=eps)), rate,
-                           next(keys))
-        kvs.append(kv)
-    x = nn.layer_norm(p["ln_f"], x, eps=eps)
-    return policy.cast_to_output(nn.unembed(p["wte"], x)), kvs
+    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths)
 
 
 HF_PREFIX = "transformer."

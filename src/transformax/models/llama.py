@@ -1,19 +1,22 @@
 """Llama family: RoPE (with Llama 3 / linear frequency scaling), RMSNorm, SwiGLU, grouped-query
-attention, untied or tied output head.
+attention, untied or tied output head; Mistral's sliding window and Gemma 2's attention-logit
+soft-capping as options.
 
 ``params = init(key, cfg)``; ``logits = apply(params, tokens, cfg)``; for generation,
-``init_cache`` + ``apply_cached``; ``from_hf`` converts a Hugging Face ``LlamaForCausalLM``.
+``init_cache`` + ``apply_cached`` (a rolling cache of ``sliding_window`` slots when the model has
+one); ``from_hf`` converts a Hugging Face ``LlamaForCausalLM`` or ``MistralForCausalLM``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import ClassVar
 
 import jax
 
 from transformax import nn
-from transformax.models import _common, _hf
+from transformax.models import _common, _hf, decoder
 
 num_params = _common.num_params
 
@@ -21,7 +24,13 @@ num_params = _common.num_params
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(nn.Precision):
     """Llama hyperparameters; the defaults are Hugging Face's ``LlamaConfig()`` (Llama 2 7B).
-    ``head_dim`` defaults to ``dim // n_head``; ``hidden_dim`` is the SwiGLU width."""
+    ``head_dim`` defaults to ``dim // n_head``; ``hidden_dim`` is the SwiGLU width;
+    ``max_len`` (the decoder contract, :mod:`transformax.models.decoder`) is ``max_seq_len``.
+    ``sliding_window``: each query sees itself and the ``sliding_window - 1`` keys before it
+    (Mistral). ``attn_logit_softcapping``: attention scores become ``cap * tanh(score / cap)``
+    before masking (Gemma 2; needs ``dropout=0``)."""
+
+    max_len_field: ClassVar[str] = "max_seq_len"
 
     vocab_size: int = 32000
     n_layer: int = 32
@@ -37,6 +46,8 @@ class Config(nn.Precision):
     tie_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None
+    attn_logit_softcapping: float | None = None
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -52,6 +63,22 @@ class Config(nn.Precision):
                              f"n_kv_head={self.n_kv_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
+        cap = self.attn_logit_softcapping
+        if cap is not None and not cap > 0:
+            raise ValueError(f"attn_logit_softcapping must be > 0 (or None), got {cap}")
+        if cap is not None and self.dropout:
+            raise ValueError(f"attn_logit_softcapping={cap} needs dropout=0 (flex_attention "
+                             f"has no attention dropout), got dropout={self.dropout}")
+
+    @property
+    def max_len(self) -> int:
+        return self.max_seq_len
+
+
+ARCH = decoder.Arch(embed="embed", position_table=None, attn_norm="attn_norm",
+                    mlp_norm="mlp_norm", final_norm="norm", norm=nn.rms_norm, mlp=nn.swiglu)
 
 
 def init(key: jax.Array, cfg: Config) -> dict:
@@ -82,50 +109,30 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
-          train: bool = False, rng: jax.Array | None = None) -> jax.Array:
+          document_ids: jax.Array | None = None, train: bool = False,
+          rng: jax.Array | None = None) -> jax.Array:
     """Logits ``(B, T, vocab_size)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
 
     ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding keys (positions stay
-    ``0..T-1``). ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
+    ``0..T-1``). ``document_ids (B, T)``: packed documents (runs of equal ids) that do not see
+    each other, positions restarting at each. ``train=True`` applies ``cfg.dropout`` with keys
+    drawn from ``rng``.
     """
-    return _common.decoder_apply(_forward, params, tokens, cfg, "max_seq_len", attention_mask,
-                                 train, rng)
+    return decoder.apply(ARCH, params, tokens, cfg, attention_mask=attention_mask,
+                         document_ids=document_ids, train=train, rng=rng)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
-    """An empty KV cache (``n_kv_head`` heads) for ``batch`` rows of ``max_len <= max_seq_len``."""
-    return _common.init_cache(cfg, batch, max_len, "max_seq_len", cfg.n_kv_head, cfg.head_dim)
+    """An empty KV cache (``n_kv_head`` heads) for ``batch`` rows of ``max_len <= max_seq_len``
+    tokens; with a ``sliding_window``, ``min(max_len, sliding_window)`` slots."""
+    return decoder.init_cache(cfg, batch, max_len)
 
 
 def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache, *,
                  lengths: jax.Array | None = None) -> tuple[jax.Array, nn.KVCache]:
     """As :func:`transformax.models.gpt.apply_cached`: logits for ``tokens`` continuing each
     row of ``cache``, and the updated cache (``pos`` advanced by ``lengths``, default ``T``)."""
-    return _common.apply_cached(_forward, params, tokens, cfg, cache, lengths)
-
-
-def _forward(params, tokens, positions, cfg, *, mask, is_causal, cache, train, rng):
-    policy = cfg.policy
-    p = policy.cast_to_compute(params)
-    rate = cfg.dropout if train else 0.0
-    keys = iter(_common.dropout_keys(rng, rate, 1 + 3 * cfg.n_layer))
-    eps = cfg.norm_eps
-    rope = nn.rope_angles(positions, nn.inverse_frequencies(cfg.head_dim, cfg.rope_theta,
-                                                             cfg.rope_scaling))
-    x = nn.dropout(nn.embed(p["embed"], tokens), rate, next(keys))
-    kvs = []
-    for i, blk in enumerate(p["blocks"]):
-        h, kv = nn.self_attention(
-            blk["attn"], nn.rms_norm(blk["attn_norm"], x, eps=eps), n_head=cfg.n_head,
-            n_kv_head=cfg.n_kv_head, rope=rope, mask=mask, is_causal=is_causal,
-            dropout_rate=rate, dropout_rng=next(keys), **_common.layer_cache(cache, i))
-        x = x + nn.dropout(h, rate, next(keys))
-        x = x + nn.dropout(nn.swiglu(blk["mlp"], nn.rms_norm(blk["mlp_norm"], x, eps=eps)), rate,
-                           next(keys))
-        kvs.append(kv)
-    x = nn.rms_norm(p["norm"], x, eps=eps)
-    logits = nn.unembed(p["embed"], x) if cfg.tie_embeddings else nn.linear(p["lm_head"], x)
-    return policy.cast_to_output(logits), kvs
+    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths)
 
 
 HF_PREFIX = "model."
@@ -135,7 +142,10 @@ HF_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096,
                    max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
                    rope_scaling=None, rope_parameters=None, tie_word_embeddings=False,
                    attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-                   initializer_range=0.02)
+                   initializer_range=0.02, sliding_window=None)
+MISTRAL_DEFAULTS = dict(HF_DEFAULTS, model_type="mistral", intermediate_size=14336,
+                        num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                        sliding_window=4096)
 
 
 def _rope_from_hf(c: dict) -> tuple[float, nn.RopeScaling | None]:
@@ -170,9 +180,10 @@ def _rope_to_hf(cfg: Config) -> dict:
 
 
 def config_from_hf(hf_cfg, **overrides) -> Config:
-    """Our ``Config`` for a Hugging Face ``LlamaConfig`` or its ``config.json`` dict
-    (``overrides`` e.g. dtypes)."""
-    c = _hf.hf_config(hf_cfg, HF_DEFAULTS)
+    """Our ``Config`` for a Hugging Face ``LlamaConfig`` / ``MistralConfig`` or its
+    ``config.json`` dict (``overrides`` e.g. dtypes)."""
+    mistral = _hf.model_type(hf_cfg) == "mistral"
+    c = _hf.hf_config(hf_cfg, MISTRAL_DEFAULTS if mistral else HF_DEFAULTS)
     if c["hidden_act"] != "silu":
         raise ValueError(f"from_hf: hidden_act={c['hidden_act']!r} is not supported (silu)")
     theta, scaling = _rope_from_hf(c)
@@ -183,14 +194,24 @@ def config_from_hf(hf_cfg, **overrides) -> Config:
                   head_dim=c["head_dim"], max_seq_len=c["max_position_embeddings"],
                   rope_theta=theta, rope_scaling=scaling, norm_eps=c["rms_norm_eps"],
                   tie_embeddings=c["tie_word_embeddings"], attention_bias=c["attention_bias"],
-                  mlp_bias=c["mlp_bias"], dropout=c["attention_dropout"],
-                  init_std=c["initializer_range"], **overrides)
+                  mlp_bias=c["mlp_bias"], sliding_window=c["sliding_window"],
+                  dropout=c["attention_dropout"], init_std=c["initializer_range"], **overrides)
 
 
 def config_to_hf(cfg: Config) -> dict:
-    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to ``cfg``."""
+    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` equal to ``cfg`` (a
+    ``MistralForCausalLM`` with a ``sliding_window``)."""
+    if cfg.attn_logit_softcapping is not None:
+        raise ValueError("to_hf: attn_logit_softcapping has no Hugging Face Llama or Mistral "
+                         "equivalent")
+    defaults, arch = HF_DEFAULTS, "LlamaForCausalLM"
+    if cfg.sliding_window is not None:
+        if cfg.attention_bias or cfg.mlp_bias:
+            raise ValueError("to_hf: a sliding_window model is written as Mistral, which has "
+                             "no attention_bias or mlp_bias")
+        defaults, arch = MISTRAL_DEFAULTS, "MistralForCausalLM"
     rope = _rope_to_hf(cfg)
-    return dict(HF_DEFAULTS, architectures=["LlamaForCausalLM"],
+    return dict(defaults, architectures=[arch], sliding_window=cfg.sliding_window,
                 vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                 hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, head_dim=cfg.head_dim,

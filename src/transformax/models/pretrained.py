@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +20,14 @@ import safetensors.numpy
 
 from transformax.models import _hf
 
-MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "bert": "bert"}
+MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "mistral": "llama", "bert": "bert"}
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
 def module_for(config) -> object:
     """The model module (``gpt``, ``llama``, ``bert``) for a Hugging Face config's
     ``model_type`` (a ``PretrainedConfig`` or a ``config.json`` dict)."""
-    model_type = (config.get("model_type") if isinstance(config, Mapping)
-                  else getattr(config, "model_type", None))
+    model_type = _hf.model_type(config)
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; expected one of "
                          f"{sorted(MODEL_TYPES)}")

@@ -9,12 +9,13 @@ from transformax.nn.mha import attention_init, self_attention
 from transformax.nn.mlp import gelu_mlp, gelu_mlp_init, swiglu, swiglu_init
 from transformax.nn.norm import layer_norm, layer_norm_init, rms_norm, rms_norm_init
 from transformax.nn.policy import Policy, Precision
+from transformax.nn.roles import ROLES, param_role
 from transformax.nn.rope import RopeScaling, apply_rope, inverse_frequencies, rope_angles
 
 __all__ = [
-    "KVCache", "Policy", "Precision", "RopeScaling", "apply_rope", "attention_init",
+    "KVCache", "Policy", "Precision", "ROLES", "RopeScaling", "apply_rope", "attention_init",
     "cache_mask", "dropout", "embed", "embedding_init", "gelu_mlp", "gelu_mlp_init", "init",
     "init_cache", "inverse_frequencies", "layer_norm", "layer_norm_init", "linear",
-    "linear_init", "rms_norm", "rms_norm_init", "rope_angles", "self_attention", "swiglu",
-    "swiglu_init", "unembed",
+    "linear_init", "param_role", "rms_norm", "rms_norm_init", "rope_angles", "self_attention",
+    "swiglu", "swiglu_init", "unembed",
 ]

@@ -1,9 +1,18 @@
-"""Dense layers and embeddings. Weights are stored ``(in, out)`` so ``apply`` is ``x @ w``."""
+"""Dense layers and embeddings. Weights are stored ``(in, out)`` so ``apply`` is ``x @ w``.
+
+The parameter roles (see :func:`transformax.nn.param_role`): a ``linear_init`` weight ``w`` is a
+``WEIGHT`` unless the layer holding it names it a projection (``IN_PROJ``: reads the residual
+stream, split by output column under tensor parallelism; ``OUT_PROJ``: writes it, split by input
+row); an ``embedding_init`` table is an ``EMBEDDING``; biases and norm scales are ``VECTOR``s.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+EMBEDDING, IN_PROJ, OUT_PROJ, WEIGHT, VECTOR = (
+    "embedding", "in_proj", "out_proj", "weight", "vector")
 
 
 def linear_init(key, d_in: int, d_out: int, *, bias: bool = True, std: float = 0.02,

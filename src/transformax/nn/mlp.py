@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from transformax.nn.linear import linear, linear_init
+from transformax.nn.linear import IN_PROJ, OUT_PROJ, linear, linear_init
+
+ROLES = {"fc": IN_PROJ, "proj": OUT_PROJ, "gate_up": IN_PROJ, "down": OUT_PROJ}  # the *_init linears
 
 
 def gelu_mlp_init(key, dim: int, hidden: int, *, bias: bool = True, std: float = 0.02,

@@ -69,9 +69,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     decay_norms_and_biases: bool = False  # weight decay on 1-D parameters
-    # fnmatch patterns on parameter paths ("blocks/0/attn/qkv/w") never decayed
-    no_decay: list[str] = dataclasses.field(
-        default_factory=lambda: ["wte", "wpe", "*embed*", "*embedding*"])
+    # never decayed: parameter roles (transformax.nn.ROLES: embedding, in_proj, out_proj,
+    # weight, vector) and fnmatch patterns on parameter paths ("blocks/0/attn/qkv/w")
+    no_decay: list[str] = dataclasses.field(default_factory=lambda: ["embedding"])
 
 
 @dataclasses.dataclass
@@ -330,10 +330,9 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     except ValueError as e:
         raise ConfigError(f"log.profile={cfg.log.profile!r}: {e}") from None
     model_cfg = cfg.model_config
-    positions = cfg.task.positions(model_cfg)
-    _check(d.seq_len <= positions, "data.seq_len", d.seq_len,
-           f"expected <= the model's {cfg.task.positions_field}={positions} "
-           f"(model.{cfg.task.positions_field})")
+    _check(d.seq_len <= model_cfg.max_len, "data.seq_len", d.seq_len,
+           f"expected <= the model's {model_cfg.max_len_field}={model_cfg.max_len} "
+           f"(model.{model_cfg.max_len_field})")
     s = cfg.sample  # the prompt's length in tokens is checked once the tokenizer is known
     _check(s.max_new_tokens >= 1 or s.num == 0, "sample.max_new_tokens", s.max_new_tokens,
            "expected >= 1 (or sample.num=0: no samples)")

@@ -344,11 +344,12 @@ def _check_prompt(cfg: config_lib.RunConfig, tokenizer) -> None:
     the first step, not after the last."""
     if tokenizer is None or not cfg.task.decoder or cfg.sample.num == 0:
         return
-    n, positions = len(tokenizer.encode(cfg.sample.prompt)), cfg.task.positions(cfg.model_config)
+    model_cfg = cfg.model_config
+    n, positions = len(tokenizer.encode(cfg.sample.prompt)), model_cfg.max_len
     if not 0 < n < positions:
         raise config_lib.ConfigError(
             f"sample.prompt={cfg.sample.prompt!r}: {n} tokens; expected 1 to {positions - 1} (the "
-            f"model's {cfg.task.positions_field}={positions} less room for a new token), or "
+            f"model's {model_cfg.max_len_field}={positions} less room for a new token), or "
             f"sample.num=0")
 
 

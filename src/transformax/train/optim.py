@@ -7,6 +7,7 @@ import fnmatch
 import jax
 import optax
 
+from transformax.nn import roles
 from transformax.train.config import OptimConfig
 
 
@@ -30,13 +31,15 @@ def param_path(path) -> str:
 
 
 def decay_mask(params, cfg: OptimConfig):
-    """``True`` where weight decay applies: not on parameters matching ``cfg.no_decay``, nor on
-    1-D ones (norms, biases) unless ``cfg.decay_norms_and_biases``."""
+    """``True`` where weight decay applies: not on parameters whose path or role
+    (:func:`transformax.nn.param_role`) matches a ``cfg.no_decay`` pattern, nor on ``vector``s
+    (norms, biases) unless ``cfg.decay_norms_and_biases``."""
     def decays(path, x):
         name = param_path(path)
-        if any(fnmatch.fnmatchcase(name, p) for p in cfg.no_decay):
+        role = roles.param_role(name, x.ndim)
+        if any(fnmatch.fnmatchcase(name, p) or p == role for p in cfg.no_decay):
             return False
-        return x.ndim >= 2 or cfg.decay_norms_and_biases
+        return role != roles.VECTOR or cfg.decay_norms_and_biases
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

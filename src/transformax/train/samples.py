@@ -14,9 +14,9 @@ def sample_text(task, params, model_cfg, prompt: str, tokenizer, *, num: int,
     :class:`transformax.tokenizer.Tokenizer`), decoded leniently; at most as many new tokens as
     the model's context leaves after the prompt."""
     ids = np.asarray(tokenizer.encode(prompt), np.int32)
-    room = task.positions(model_cfg) - len(ids)
+    room = model_cfg.max_len - len(ids)
     if len(ids) == 0 or room < 1:
-        raise ValueError(f"prompt {prompt!r}: needs 1 to {task.positions(model_cfg) - 1} tokens")
+        raise ValueError(f"prompt {prompt!r}: needs 1 to {model_cfg.max_len - 1} tokens")
     new = generate.generate(task.module, params, model_cfg, np.tile(ids, (num, 1)),
                             max_new_tokens=min(max_new_tokens, room), temperature=temperature,
                             top_k=top_k or None, rng=rng)

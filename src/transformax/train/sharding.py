@@ -15,12 +15,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from transformax.nn import roles
 from transformax.train.config import MESH_AXES, DistConfig, MeshConfig, mesh_shape
 from transformax.train.optim import param_path
 
 BATCH_AXES = ("data", "fsdp")
-IN_PROJECTIONS = ("qkv", "fc", "gate_up")
-OUT_PROJECTIONS = ("out", "proj", "down")
+TENSOR_DIM = {roles.IN_PROJ: -1, roles.OUT_PROJ: 0}  # by role (transformax.nn.param_role)
 
 
 def initialize_distributed(cfg: DistConfig) -> bool:
@@ -67,12 +67,10 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     spec: list = [None] * len(shape)
     if len(shape) < 2:
         return P()
-    names = path.split("/")
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    if tensor > 1 and len(names) >= 2 and names[-1] == "w":
-        dim = -1 if names[-2] in IN_PROJECTIONS else 0 if names[-2] in OUT_PROJECTIONS else None
-        if dim is not None and shape[dim] % tensor == 0:
-            spec[dim] = "tensor"
+    dim = TENSOR_DIM.get(roles.param_role(path, len(shape)))
+    if tensor > 1 and dim is not None and shape[dim] % tensor == 0:
+        spec[dim] = "tensor"
     if fsdp > 1:
         free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
         if free:

@@ -1,7 +1,7 @@
 """What each architecture trains on: causal LM for ``gpt`` and ``llama``, masked LM for ``bert``.
 
-A :class:`Task` knows its model module, which ``Config`` fields hold the context length, depth
-and width, and how to turn a batch into a summed loss.
+A :class:`Task` knows its model module and how to turn a batch into a summed loss; the model's
+``Config`` says the rest (``max_len``, ``n_layer``, ``n_head``, ``head_dim``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ class Task:
 
     arch: str
     objective: str  # "clm" (next token) or "mlm" (masked tokens)
-    positions_field: str
-    layers_field: str
-    width_field: str
 
     @property
     def module(self) -> ModuleType:
@@ -34,10 +31,6 @@ class Task:
     def decoder(self) -> bool:
         """Whether the model generates text (causal LM)."""
         return self.objective == "clm"
-
-    def positions(self, model_cfg) -> int:
-        """The longest context the model accepts."""
-        return getattr(model_cfg, self.positions_field)
 
     def loss(self, params, batch: dict, model_cfg, rng: jax.Array | None = None):
         """``(sum of token losses, number of counted tokens)`` in f32. ``rng`` given: train mode
@@ -60,12 +53,12 @@ class Task:
         parameter except position tables, so the tied output projection counts once)."""
         n = sum(math.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
                 if "wpe" not in jax.tree_util.keystr(path))
-        layers, width = getattr(model_cfg, self.layers_field), getattr(model_cfg, self.width_field)
-        return 6.0 * n + 12.0 * layers * width * seq_len
+        width = model_cfg.n_head * model_cfg.head_dim  # of the attention
+        return 6.0 * n + 12.0 * model_cfg.n_layer * width * seq_len
 
 
 TASKS = {
-    "gpt": Task("gpt", "clm", "block_size", "n_layer", "n_embd"),
-    "llama": Task("llama", "clm", "max_seq_len", "n_layer", "dim"),
-    "bert": Task("bert", "mlm", "max_position", "n_layer", "dim"),
+    "gpt": Task("gpt", "clm"),
+    "llama": Task("llama", "clm"),
+    "bert": Task("bert", "mlm"),
 }
