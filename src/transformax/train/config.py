@@ -47,6 +47,10 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05  # byte sources: the corpus's tail held out for evaluation
     mlm_probability: float = 0.15  # bert: share of positions masked
+    # decoders: files (documents) packed into each sequence; no token attends across a
+    # document boundary, positions restart at each, and the first token of a document is not
+    # scored as the previous one's next token
+    packing: bool = False
 
 
 @dataclasses.dataclass
@@ -294,6 +298,11 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "expected in (0, 1)")
     _check(0.0 < d.mlm_probability < 1.0, "data.mlm_probability", d.mlm_probability,
            "expected in (0, 1)")
+    _check(not d.packing or d.source != "bin", "data.packing", d.packing,
+           "needs document boundaries: data.source=stdlib or text (each file a document); "
+           "a .bin token stream has none")
+    _check(not d.packing or cfg.task.decoder, "data.packing", d.packing,
+           f"only for decoders (model.arch gpt or llama), not model.arch={cfg.model.arch}")
     for key in ("steps", "batch_size", "grad_accum"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "expected >= 1")
     dist = cfg.dist

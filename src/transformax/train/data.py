@@ -3,7 +3,8 @@
 Sources (``data.source``): ``stdlib``, the bytes of the running Python's standard library
 ``.py`` files (embedded, nothing to download); ``text``, the bytes of the files a path, folder or
 glob names; ``bin``, nanoGPT-style ``train.bin`` / ``val.bin`` token files (memory-mapped).
-Byte sources are concatenated in a fixed file order and their tail is held out.
+Byte sources are concatenated in a fixed file order and their tail is held out; each file is a
+document (``data.packing``: no token attends across a document boundary).
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ TRAIN, EVAL = 0, 1  # the two random streams: training batches, held-out batches
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Token streams (1-D arrays) and their vocabulary; ``is_bytes``: tokens are UTF-8 bytes."""
+    """Token streams (1-D arrays) and their vocabulary; ``is_bytes``: tokens are UTF-8 bytes;
+    ``starts``: each split's document start offsets (sorted, from 0), ``None`` if unknown."""
 
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
     is_bytes: bool
+    starts: tuple[np.ndarray, np.ndarray] | None = None
 
     def split(self, stream: int) -> np.ndarray:
         return self.train if stream == TRAIN else self.val
+
+    def documents(self, stream: int) -> np.ndarray:
+        """The document start offsets of a split (see :attr:`starts`)."""
+        return self.starts[0 if stream == TRAIN else 1]
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -45,12 +52,14 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     else:
         files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
         try:
-            data = _read_bytes(tuple(files))
+            data, starts = _read_bytes(tuple(files))
         except OSError as e:
             raise ConfigError(f"data.path={cfg.path!r}: cannot read {e.filename} "
                               f"({e.strerror})") from None
-        n_val = max(1, int(len(data) * cfg.val_fraction))
-        corpus = Corpus(data[:-n_val], data[-n_val:], 256, True)
+        n_train = len(data) - max(1, int(len(data) * cfg.val_fraction))
+        val_starts = np.unique(np.concatenate([[0], starts[starts > n_train] - n_train]))
+        corpus = Corpus(data[:n_train], data[n_train:], 256, True,
+                        (starts[starts < n_train], val_starts))
     for name, split in (("training", corpus.train), ("held-out", corpus.val)):
         if len(split) <= cfg.seq_len + 1:
             raise ConfigError(f"data.path={cfg.path!r}: the {name} split has {len(split)} "
@@ -86,10 +95,13 @@ def text_files(pattern: str) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_bytes(files: tuple[Path, ...]) -> np.ndarray:
-    data = np.frombuffer(b"\n\n".join(p.read_bytes() for p in files), np.uint8)
+def _read_bytes(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The files' bytes joined by blank lines, and where each file starts."""
+    contents = [p.read_bytes() for p in files]
+    data = np.frombuffer(b"\n\n".join(contents), np.uint8)
     data.flags.writeable = False
-    return data
+    starts = np.cumsum([0] + [len(c) + 2 for c in contents[:-1]])
+    return data, starts
 
 
 def _bin_corpus(folder: Path, dtype: np.dtype, vocab_size: int) -> Corpus:
@@ -127,18 +139,30 @@ def _rng(seed: int, stream: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, step])
 
 
-def _windows(tokens: np.ndarray, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+def _windows(tokens: np.ndarray, rng: np.random.Generator, n: int,
+             length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random windows of ``length`` tokens, int32, and their start offsets."""
     starts = rng.integers(0, len(tokens) - length, size=n)
-    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32), starts
 
 
 def lm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tuple[int, int],
-             seq_len: int) -> dict:
+             seq_len: int, documents: np.ndarray | None = None) -> dict:
     """Next-token batch: ``inputs`` and ``targets`` (shifted by one), int32 of
-    ``shape + (seq_len,)`` where ``shape = (micro_batches, micro_batch_size)``."""
-    w = _windows(tokens, _rng(seed, stream, step), shape[0] * shape[1], seq_len + 1)
+    ``shape + (seq_len,)`` where ``shape = (micro_batches, micro_batch_size)``.
+
+    ``documents`` (the stream's document start offsets): packed sequences, with
+    ``document_ids`` (int32, counting the documents of each row from 0) and ``weights`` (0.0
+    where the target starts another document, so it is not scored)."""
+    w, offsets = _windows(tokens, _rng(seed, stream, step), shape[0] * shape[1], seq_len + 1)
     w = w.reshape(*shape, seq_len + 1)
-    return {"inputs": w[..., :-1], "targets": w[..., 1:]}
+    batch = {"inputs": w[..., :-1], "targets": w[..., 1:]}
+    if documents is None:
+        return batch
+    doc = np.searchsorted(documents, offsets[:, None] + np.arange(seq_len + 1), side="right")
+    ids = (doc - doc[:, :1]).astype(np.int32).reshape(*shape, seq_len + 1)
+    return {**batch, "document_ids": ids[..., :-1],
+            "weights": (ids[..., 1:] == ids[..., :-1]).astype(np.float32)}
 
 
 def mlm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tuple[int, int],
@@ -147,7 +171,7 @@ def mlm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: t
     ``mask_id``, 10% a random token below ``vocab_size``, 10% stay. ``targets`` are the original
     tokens, ``weights`` 1.0 at the chosen positions."""
     rng = _rng(seed, stream, step)
-    targets = _windows(tokens, rng, shape[0] * shape[1], seq_len).reshape(*shape, seq_len)
+    targets = _windows(tokens, rng, shape[0] * shape[1], seq_len)[0].reshape(*shape, seq_len)
     chosen = rng.random(targets.shape) < probability
     action = rng.random(targets.shape)
     inputs = np.where(chosen & (action < 0.8), mask_id, targets)
@@ -167,12 +191,14 @@ class Batches:
     shape: tuple[int, int]
     seq_len: int
     mlm_probability: float | None = None  # set: masked-LM batches with [MASK] = vocab_size
+    packing: bool = False  # language-model batches of packed documents (``lm_batch``)
 
     def __call__(self, step: int, stream: int = TRAIN) -> dict:
         tokens = self.corpus.split(stream)
         if self.mlm_probability is None:
             return lm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
-                            seq_len=self.seq_len)
+                            seq_len=self.seq_len,
+                            documents=self.corpus.documents(stream) if self.packing else None)
         return mlm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
                          seq_len=self.seq_len, vocab_size=self.corpus.vocab_size,
                          mask_id=self.corpus.vocab_size, probability=self.mlm_probability)

@@ -123,7 +123,8 @@ class _Run:
         t = cfg.train
         self.batches = data_lib.Batches(
             self.corpus, cfg.seed, (t.grad_accum, t.batch_size // t.grad_accum), cfg.data.seq_len,
-            cfg.data.mlm_probability if self.task.objective == "mlm" else None)
+            cfg.data.mlm_probability if self.task.objective == "mlm" else None,
+            cfg.data.packing)
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.tx = optim.optimizer(cfg.optim, t.steps)
         self.batch_sharding = sharding.batch_sharding(mesh)

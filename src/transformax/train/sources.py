@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from transformax import tokenizer as tokenizer_lib
 from transformax.train.config import ConfigError, DataConfig
-from transformax.train.data import Corpus
+from transformax.train.data import EVAL, TRAIN, Corpus
 
 PREFIXES = ("hf:", "run:")
 
@@ -73,12 +73,25 @@ def tokenize(cfg: DataConfig, corpus: Corpus,
     if cfg.source == "bin" or tok.hf is None:
         return tok, corpus
     dtype = np.uint16 if cfg.vocab_size <= 1 << 16 else np.uint32
-    splits = [tok.encode_corpus(split, dtype) for split in (corpus.train, corpus.val)]
+    if cfg.packing:  # document by document, to know where each starts in tokens
+        encoded = [_encode_documents(tok, corpus, stream, dtype) for stream in (TRAIN, EVAL)]
+        splits, starts = [e[0] for e in encoded], tuple(e[1] for e in encoded)
+    else:
+        splits = [tok.encode_corpus(split, dtype) for split in (corpus.train, corpus.val)]
+        starts = None
     for name, split in zip(("training", "held-out"), splits):
         if len(split) <= cfg.seq_len + 1:
             raise ConfigError(f"data.path={cfg.path!r}: the {name} split has {len(split)} "
                               f"{cfg.tokenizer} tokens, too few for data.seq_len={cfg.seq_len}")
-    return tok, Corpus(*splits, cfg.vocab_size, False)
+    return tok, Corpus(*splits, cfg.vocab_size, False, starts)
+
+
+def _encode_documents(tok: tokenizer_lib.Tokenizer, corpus: Corpus, stream: int,
+                      dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A split's ids, encoded document by document, and each document's first id's offset."""
+    text, bounds = corpus.split(stream), list(corpus.documents(stream))
+    docs = [tok.encode_corpus(text[a:b], dtype) for a, b in zip(bounds, bounds[1:] + [len(text)])]
+    return np.concatenate(docs), np.cumsum([0] + [len(d) for d in docs[:-1]])
 
 
 def model_fields(spec: str) -> dict:

@@ -34,10 +34,13 @@ class Task:
 
     def loss(self, params, batch: dict, model_cfg, rng: jax.Array | None = None):
         """``(sum of token losses, number of counted tokens)`` in f32. ``rng`` given: train mode
-        (dropout keys from it); ``batch``: ``inputs``, ``targets`` and, for MLM, ``weights``."""
+        (dropout keys from it); ``batch``: ``inputs``, ``targets`` and, for MLM or packed
+        documents, ``weights``; packed: ``document_ids``."""
         train = rng is not None
         if self.objective == "clm":
-            logits = self.module.apply(params, batch["inputs"], model_cfg, train=train, rng=rng)
+            logits = self.module.apply(params, batch["inputs"], model_cfg,
+                                       document_ids=batch.get("document_ids"), train=train,
+                                       rng=rng)
         else:
             hidden = self.module.apply(params, batch["inputs"], model_cfg, train=train, rng=rng)
             logits = self.module.mlm_logits(params, hidden, model_cfg)
