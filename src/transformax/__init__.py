@@ -6,16 +6,19 @@
 
 import importlib
 
-from transformax.attention import (Backend, CausalMask, autotune, causal_lower_right,
-                                   causal_upper_left, explain, scaled_dot_product_attention, sdpa,
-                                   sdpa_kernel)
+from transformax.attention import (Backend, BlockMask, CausalMask, Mask, autotune, band,
+                                   causal_lower_right, causal_upper_left, chunked,
+                                   create_block_mask, document_mask, explain, flex_attention,
+                                   key_padding, prefix_lm, scaled_dot_product_attention, sdpa,
+                                   sdpa_kernel, sliding_window)
 from transformax.tuning import kernel_config
 
 _SUBMODULES = ("nn", "models", "generate", "flax", "train", "quant")
 
-__all__ = ["Backend", "CausalMask", "autotune", "causal_lower_right", "causal_upper_left",
-           "explain", "kernel_config", "scaled_dot_product_attention", "sdpa", "sdpa_kernel",
-           *_SUBMODULES]
+__all__ = ["Backend", "BlockMask", "CausalMask", "Mask", "autotune", "band", "causal_lower_right",
+           "causal_upper_left", "chunked", "create_block_mask", "document_mask", "explain",
+           "flex_attention", "key_padding", "kernel_config", "prefix_lm",
+           "scaled_dot_product_attention", "sdpa", "sdpa_kernel", "sliding_window", *_SUBMODULES]
 
 
 def __getattr__(name):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import transformax as tfx
+from transformax.attention import select
 from transformax.attention.backends import cudnn, pallas_common
 from transformax.attention.backends import math as math_kernel
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem
 
 BASE = Problem(batch=2, q_heads=8, kv_heads=2, q_len=128, kv_len=256, head_dim=64,
                v_head_dim=64, dtype=np.dtype(jnp.bfloat16), scale=0.125, causal_offset=0)
@@ -31,13 +32,13 @@ def test_reasons_without_cuda():
 def test_reasons_for_what_cudnn_cannot_run():
     p = dataclasses.replace(BASE, dtype=np.dtype(jnp.float32), head_dim=100, v_head_dim=64,
                             causal_offset=128, dropout_p=0.1)
-    reasons = cudnn.reasons_unsupported(p, "cuda")
+    reasons = select.reasons_unsupported(select.Backend.CUDNN, p, "cuda")
     max_dim = "256" if _has_gpu() and pallas_common.cuda_capability() >= (9, 0) else "128"
     for expected in ("dtype float32 is not supported (float16, bfloat16)",
                      f"head dim E=100 must be a multiple of 8 and at most {max_dim}",
                      "Ev=64 != E=100 (jax.nn needs equal head dims)",
                      "causal alignment other than top-left (offset 128)",
-                     "dropout: jax.nn.dot_product_attention has none"):
+                     "dropout: not supported by this kernel"):
         assert any(r.startswith(expected) for r in reasons), (expected, reasons)
     masked = dataclasses.replace(BASE, causal_offset=None, q_len=127, mask_dtype=np.dtype(bool),
                                  mask_shape=(1, 1, 127, 256))
@@ -105,8 +106,8 @@ def test_wrapper_with_xla_standing_in_for_cudnn(kind, monkeypatch):
         mask = jax.random.bernoulli(jax.random.key(1), 0.6, p.mask_shape).at[:, :, 5:7].set(False)
     with jax.default_matmul_precision("highest"):  # not TF32 where this runs on a GPU
         q, k, v = (x.astype(jnp.float32) for x in _inputs(lq=32, s=48))
-        out, lse = jax.jit(lambda *a: cudnn.forward(p, *a))(q, k, v, mask, None)
-        want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, mask, None)
+        out, lse = jax.jit(lambda *a: cudnn.forward(p, *a))(q, k, v, Extras(mask))
+        want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, Extras(mask))
         np.testing.assert_allclose(out, want_out, atol=1e-5)
         np.testing.assert_allclose(lse, want_lse, atol=1e-5)
         keys = jax.random.split(jax.random.key(2))
@@ -114,7 +115,7 @@ def test_wrapper_with_xla_standing_in_for_cudnn(kind, monkeypatch):
         backward = jax.jit(lambda *a: cudnn.backward(p, *a))
         reference = jax.jit(lambda *a: math_kernel.backward(p, *a))
         for dlse in (jnp.zeros_like(lse), jax.random.normal(keys[1], lse.shape)):
-            grads = backward(q, k, v, mask, None, out, lse, dout, dlse)
-            want = reference(q, k, v, mask, None, want_out, want_lse, dout, dlse)
+            grads = backward(q, k, v, Extras(mask), out, lse, dout, dlse)[:3]
+            want = reference(q, k, v, Extras(mask), want_out, want_lse, dout, dlse)[:3]
             for got, ref in zip(grads, want):
                 np.testing.assert_allclose(got, ref, atol=2e-5)

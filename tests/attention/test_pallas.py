@@ -19,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 import transformax as tfx
 from transformax.attention.backends import math as math_kernel
 from transformax.attention.backends import pallas_common, pallas_tpu, pallas_triton
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem
 
 KERNELS = {
     "triton": (pallas_triton, pallas_triton.Config(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)),
@@ -95,8 +95,9 @@ def check_against_math(p: Problem, module, config=None, interpret=None):
     q, k, v, mask, seed, (kd, kl, _) = operands(p)
     forward = jax.jit(lambda *a: module.forward(p, *a, config=config, interpret=interpret))
     backward = jax.jit(lambda *a: module.backward(p, *a, config=config, interpret=interpret))
-    out, lse = forward(q, k, v, mask, seed)
-    want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, mask, seed)
+    extras = Extras(mask, seed)
+    out, lse = forward(q, k, v, extras)
+    want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, extras)
     tol = TOLERANCE[p.dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
                                atol=tol, rtol=tol)
@@ -104,9 +105,9 @@ def check_against_math(p: Problem, module, config=None, interpret=None):
 
     dout = jax.random.normal(kd, out.shape, p.dtype)
     dlse = jax.random.normal(kl, lse.shape, jnp.float32)
-    grads = backward(q, k, v, mask, seed, out, lse, dout, dlse)
-    want = jax.jit(lambda *a: math_kernel.backward(p, *a))(q, k, v, mask, seed, want_out, want_lse,
-                                                           dout, dlse)
+    grads = backward(q, k, v, extras, out, lse, dout, dlse)[:3]
+    want = jax.jit(lambda *a: math_kernel.backward(p, *a))(q, k, v, extras, want_out, want_lse,
+                                                           dout, dlse)[:3]
     for name, got, ref in zip("qkv", grads, want):
         assert got.dtype == ref.dtype and got.shape == ref.shape, name
         scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) or 1.0
@@ -215,7 +216,7 @@ def test_triton_config_validates(field, value, message):
 def _dot_precisions(p: Problem) -> set[str]:
     q, k, v, *_ = operands(p)
     jaxpr = str(jax.make_jaxpr(
-        lambda q, k, v: pallas_triton.forward(p, q, k, v, None, None, interpret=False))(q, k, v))
+        lambda q, k, v: pallas_triton.forward(p, q, k, v, Extras(), interpret=False))(q, k, v))
     return set(re.findall(r"precision=\(Precision\.(\w+)", jaxpr))
 
 

@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformax import tuning
-from transformax.attention import select
-from transformax.attention.masks import CausalMask
+from transformax.attention import masks, select
 from transformax.attention.primitive import attention, current_platform
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem, hoist
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -41,7 +40,7 @@ class _Call:
     """One validated ``sdpa`` call in canonical form."""
 
     def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                 dropout_rng):
+                 dropout_rng, score_mod=None):
         q, k, v = (jnp.asarray(x) for x in (query, key, value))
         for name, x in (("query", q), ("key", k), ("value", v)):
             if x.ndim < 2:
@@ -75,26 +74,53 @@ class _Call:
         else:
             self._fold_broadcast(q, k, v)
         self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else _concrete(scale, "scale")
-        self.causal_offset = 0 if is_causal else None
-        self.mask = None
-        mask_dtype = mask_shape = None
-        if isinstance(attn_mask, CausalMask):
-            if attn_mask.shape != (self.q_len, self.kv_len):
-                raise ValueError(f"sdpa: attn_mask is a causal mask for (L, S) = {attn_mask.shape} "
-                                 f"but query/key give (L, S) = {(self.q_len, self.kv_len)}")
-            self.causal_offset = attn_mask.offset
+        batch, heads = self.q.shape[:2]
+        fields, extras = {"causal_offset": 0 if is_causal else None}, {}
+        if isinstance(attn_mask, masks.Mask):
+            self._structure(attn_mask, batch, heads, fields, extras)
         elif attn_mask is not None:
-            self.mask = self._fold_mask(jnp.asarray(attn_mask), q.dtype)
-            mask_dtype, mask_shape = np.dtype(self.mask.dtype), tuple(self.mask.shape)
-        self.seed = None
+            mask = self._fold_mask(jnp.asarray(attn_mask), q.dtype)
+            fields.update(mask_dtype=np.dtype(mask.dtype), mask_shape=tuple(mask.shape))
+            extras["mask"] = mask
         if dropout_p > 0.0:
-            self.seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
+            extras["seed"] = jax.random.bits(dropout_rng, (2,), jnp.uint32)
+        if score_mod is not None:
+            if not callable(score_mod):
+                raise TypeError(f"flex_attention: score_mod must be a function (score, b, h, "
+                                f"q_idx, kv_idx) -> score; got {type(score_mod).__name__}")
+            acc = jnp.promote_types(q.dtype, jnp.float32)
+            fields["score_fn"], extras["score_consts"] = hoist(
+                score_mod, "score_mod", acc, *[jnp.int32] * 4)
+        self.extras = Extras(**extras)
         self.problem = Problem(
-            batch=self.q.shape[0], q_heads=self.q.shape[1], kv_heads=self.k.shape[1],
-            q_len=self.q_len, kv_len=self.kv_len, head_dim=self.head_dim,
-            v_head_dim=v.shape[-1], dtype=np.dtype(q.dtype), scale=self.scale,
-            causal_offset=self.causal_offset, mask_dtype=mask_dtype, mask_shape=mask_shape,
-            dropout_p=float(dropout_p))
+            batch=batch, q_heads=heads, kv_heads=self.k.shape[1], q_len=self.q_len,
+            kv_len=self.kv_len, head_dim=self.head_dim, v_head_dim=v.shape[-1],
+            dtype=np.dtype(q.dtype), scale=self.scale, dropout_p=float(dropout_p), **fields)
+
+    def _structure(self, mask: masks.Mask, batch: int, heads: int, fields: dict, extras: dict):
+        """A structured mask -> the problem's mask fields and operands (see ``masks.structure``)."""
+        for what, got, want in (("query length L", mask.q_len, self.q_len),
+                                ("key length S", mask.kv_len, self.kv_len),
+                                ("batch size", mask.batch_size, batch)):
+            if got is not None and got != want and not (what == "batch size" and got == 1):
+                raise ValueError(f"sdpa: attn_mask is a {type(mask).__name__} mask for "
+                                 f"{what} {got} but query/key give {want} (shapes "
+                                 f"(L, S) = {(self.q_len, self.kv_len)}, batch {batch})")
+        form = masks.structure(mask, batch, self.q_len, self.kv_len)
+        fields["causal_offset"] = form.causal_offset
+        if form.bounds is not None:
+            fields["bounds"], extras["bounds"] = form.bounds[0].shape[0], form.bounds
+        if form.segments is not None:
+            fields["segments"], extras["segments"] = form.segments[0].shape[0], form.segments
+        if form.generic is not None:
+            fields["mask_fn"], extras["mask_consts"] = hoist(
+                form.generic.mask_mod, "mask_mod", *[jnp.int32] * 4)
+        if form.table is not None:
+            table, blocks = form.table
+            if table.shape[0] not in (1, batch) or table.shape[1] not in (1, heads):
+                raise ValueError(f"sdpa: the block mask is for (B, H) = {table.shape[:2]} but "
+                                 f"the call has (B, H) = {(batch, heads)}")
+            fields["table_blocks"], extras["table"] = blocks, table
 
     def _fold_broadcast(self, q, k, v):
         batch = _broadcast({"query": q.shape[:-2], "key": k.shape[:-2], "value": v.shape[:-2]},
@@ -153,7 +179,7 @@ class _Call:
             out = jnp.zeros((p.batch, p.q_heads, p.q_len, p.v_head_dim), self.q.dtype)
             lse = jnp.full(out.shape[:-1], -jnp.inf, p.acc_dtype)
         else:
-            out, lse = attention(p, plan, self.q, self.k, self.v, self.mask, self.seed)
+            out, lse = attention(p, plan, self.q, self.k, self.v, self.extras)
         out = out.reshape(*self.batch_shape, self.q_len, out.shape[-1])
         return out, lse.reshape(*self.batch_shape, self.q_len)
 
@@ -200,6 +226,34 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     """
     call = _Call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  dropout_rng)
+    return _attend(call, return_lse)
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
+                   enable_gqa=False, return_lse=False):
+    """torch's ``flex_attention``: ``softmax(score_mod(q @ k^T * scale) masked by block_mask) @ v``.
+
+    Args:
+      query: ``(..., Hq, L, E)``; key: ``(..., Hk, S, E)``; value: ``(..., Hk, S, Ev)``.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` of scalars (applied to
+        every element), using jnp ops; arrays it captures get gradients where they are floats.
+      block_mask: ``tfx.create_block_mask(...)`` or any structured mask (``tfx.band``,
+        ``tfx.document_mask``, ...); None attends everywhere.
+      scale: defaults to ``1/sqrt(E)``. enable_gqa: query head ``h`` uses key/value head
+        ``h // (Hq // Hk)``. return_lse: also return the log-sum-exp (natural log).
+
+    Rows whose keys are all masked give zeros (and an lse of -inf).
+    """
+    if block_mask is not None and not isinstance(block_mask, masks.Mask):
+        raise TypeError(f"flex_attention: block_mask must come from tfx.create_block_mask or "
+                        f"be a structured mask (tfx.band, tfx.document_mask, ...); got "
+                        f"{type(block_mask).__name__}")
+    call = _Call(query, key, value, block_mask, 0.0, False, scale, enable_gqa, None,
+                 score_mod=score_mod)
+    return _attend(call, return_lse)
+
+
+def _attend(call: _Call, return_lse: bool):
     problem, platform = call.problem, current_platform()
     plan = None if call.is_empty else select.plan(problem)
     if plan is not None and dict(plan).get(platform) is None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from transformax.attention import select
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem, hoist
 
 # Kernels made of plain XLA ops: XLA's partitioner splits them without gathering.
 PARTITIONABLE = (select.Backend.XLA_FLASH, select.Backend.MATH)
@@ -44,8 +44,8 @@ def _size(mesh, entry) -> int:
     return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
-def explicit(problem: Problem, fn, q, k, v, mask, seed):
-    """``fn(local_problem, q, k, v, mask, seed) -> (out, lse)`` run on each device's batch/head
+def explicit(problem: Problem, fn, q, k, v, extras: Extras):
+    """``fn(local_problem, q, k, v, extras) -> (out, lse)`` run on each device's batch/head
     shard in a ``shard_map``, returning the global ``(out, lse)``; None (nothing run) when the
     query is not sharded over explicit mesh axes."""
     mesh = jax.typeof(q).sharding.mesh
@@ -59,36 +59,79 @@ def explicit(problem: Problem, fn, q, k, v, mask, seed):
                          f"the {problem.kv_heads} key/value heads do not divide by {n_heads}")
     q_spec = (batch, heads, None, None)
     kv_spec = (batch, heads if split_kv else None, None, None)
+
+    def rows_spec(x, heads_dim: bool):  # leading dims of size 1 stay whole
+        lead = (batch if x.shape[0] > 1 else None,)
+        if heads_dim:
+            lead += (heads if x.shape[1] > 1 else None,)
+        return lead + (None,) * (x.ndim - len(lead))
+
     named = [("query", q, q_spec), ("key", k, kv_spec), ("value", v, kv_spec)]
-    if mask is not None:
-        bm, hm = problem.mask_shape[:2]
-        named.append(("attn_mask", mask, (batch if bm > 1 else None, heads if hm > 1 else None,
-                                          None, None)))
+    if extras.mask is not None:
+        named.append(("attn_mask", extras.mask, rows_spec(extras.mask, True)))
+    named += [("attn_mask", x, rows_spec(x, False)) for x in (*extras.bounds, *extras.segments)]
+    if extras.table is not None:
+        named.append(("block_mask", extras.table, rows_spec(extras.table, True)))
     operands = [_resharded(*x) for x in named]
     specs = [P(*spec) for *_, spec in named]
+    consts = (*extras.mask_consts, *extras.score_consts)
+    operands += [*consts, *([extras.seed] if extras.seed is not None else [])]
+    specs += [P()] * (len(operands) - len(specs))
+
+    def local_rows(n, spec):
+        return None if n is None else n // _size(mesh, spec[0])
+
     local = dataclasses.replace(
         problem, batch=problem.batch // n_batch, q_heads=problem.q_heads // n_heads,
         kv_heads=problem.kv_heads // (n_heads if split_kv else 1),
-        mask_shape=None if mask is None else tuple(
-            d // _size(mesh, e) for d, e in zip(problem.mask_shape, named[-1][2])))
+        mask_shape=None if extras.mask is None else tuple(
+            d // _size(mesh, e) for d, e in zip(problem.mask_shape, named[3][2])),
+        bounds=local_rows(problem.bounds, rows_spec(extras.bounds[0], False)
+                          if extras.bounds else None),
+        segments=local_rows(problem.segments, rows_spec(extras.segments[0], False)
+                            if extras.segments else None))
     shard_axes = _axes(batch) + _axes(heads)
 
     def body(*args):
-        q, k, v, *rest = args
-        m = rest.pop(0) if mask is not None else None
-        s = rest.pop(0) if seed is not None else None
-        if s is not None:  # an independent dropout stream per shard
+        it = iter(args)
+        q, k, v = next(it), next(it), next(it)
+        mask = next(it) if extras.mask is not None else None
+        bounds = tuple(next(it) for _ in extras.bounds)
+        segments = tuple(next(it) for _ in extras.segments)
+        table = next(it) if extras.table is not None else None
+        mask_consts = tuple(next(it) for _ in extras.mask_consts)
+        score_consts = tuple(next(it) for _ in extras.score_consts)
+        seed = next(it, None)
+        if seed is not None:  # an independent dropout stream per shard
             index = jax.lax.axis_index(shard_axes).astype(jnp.uint32)
-            s = s ^ jnp.stack([index * jnp.uint32(0x9E3779B9), jnp.uint32(0)])
-        return fn(local, q, k, v, m, s)
+            seed = seed ^ jnp.stack([index * jnp.uint32(0x9E3779B9), jnp.uint32(0)])
+        shard, mask_consts, score_consts = _global_indices(local, mask_consts, score_consts,
+                                                           batch, heads)
+        return fn(shard, q, k, v, Extras(mask, seed, bounds, segments, table, mask_consts,
+                                         score_consts))
 
-    if seed is not None:
-        operands.append(seed)
-        specs.append(P())
     # Manual over every mesh axis (operands are replicated over the others): nothing is left
     # for XLA's partitioner to split, so the planned kernel runs as is.
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
                          out_specs=(P(*q_spec), P(*q_spec[:3])))(*operands)
+
+
+def _global_indices(local: Problem, mask_consts, score_consts, batch, heads):
+    """Inside the shard_map: the mask_mod and score_mod re-hoisted to see global batch and head
+    indices (the kernels count from 0 on each shard)."""
+    b0 = jax.lax.axis_index(_axes(batch)) * local.batch if batch is not None else 0
+    h0 = jax.lax.axis_index(_axes(heads)) * local.q_heads if heads is not None else 0
+    fields = {}
+    if local.mask_fn is not None:
+        fn, consts = local.mask_fn, mask_consts
+        fields["mask_fn"], mask_consts = hoist(
+            lambda b, h, q, kv: fn(b + b0, h + h0, q, kv, *consts), fn.name, *[jnp.int32] * 4)
+    if local.score_fn is not None:
+        fn, consts = local.score_fn, score_consts
+        fields["score_fn"], score_consts = hoist(
+            lambda s, b, h, q, kv: fn(s, b + b0, h + h0, q, kv, *consts), fn.name,
+            local.acc_dtype, *[jnp.int32] * 4)
+    return dataclasses.replace(local, **fields), mask_consts, score_consts
 
 
 def _resharded(name: str, x, spec: tuple):

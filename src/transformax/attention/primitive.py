@@ -19,9 +19,9 @@ from jax._src import config, core, sharding_impls
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from transformax.attention import partition, select
+from transformax.attention import partition, select, tile_math
 from transformax.attention.backends import math as math_kernel
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem
 
 forward_p = Primitive("transformax_sdpa")
 forward_p.multiple_results = True
@@ -32,22 +32,22 @@ Plan = tuple[tuple[str, "str | None", "str | None"], ...]  # platform, kernel, w
 
 
 def _split(problem: Problem, args):
-    """Operands -> (q, k, v, mask, seed, rest): mask and seed are present only when used."""
+    """Operands -> (q, k, v, extras, rest)."""
     q, k, v, *rest = args
-    mask = rest.pop(0) if problem.has_mask else None
-    seed = rest.pop(0) if problem.has_dropout else None
-    return q, k, v, mask, seed, rest
+    extras, rest = Extras.unflat(problem, rest)
+    return q, k, v, extras, rest
 
 
 def _run_forward(problem, name, *args):
-    q, k, v, mask, seed, _ = _split(problem, args)
-    return select.kernel(select.Backend(name)).forward(problem, q, k, v, mask, seed)
+    q, k, v, extras, _ = _split(problem, args)
+    return select.kernel(select.Backend(name)).forward(problem, q, k, v, extras)
 
 
 def _run_backward(problem, name, *args):
-    q, k, v, mask, seed, (out, lse, dout, dlse) = _split(problem, args)
-    return select.kernel(select.Backend(name)).backward(
-        problem, q, k, v, mask, seed, out, lse, dout, dlse)
+    q, k, v, extras, (out, lse, dout, dlse) = _split(problem, args)
+    dq, dk, dv, dconsts = select.kernel(select.Backend(name)).backward(
+        problem, q, k, v, extras, out, lse, dout, dlse)
+    return (dq, dk, dv, *dconsts)
 
 
 _RUNNERS = {forward_p: _run_forward, backward_p: _run_backward}
@@ -96,7 +96,9 @@ def _forward_abstract(*args, problem, plan):
 
 def _backward_abstract(*args, problem, plan):
     core.standard_vma_rule(backward_p.name, *args)
-    return tuple(x.update(weak_type=False) for x in args[:3])
+    q, k, v, extras, _ = _split(problem, args)
+    return tuple(x.update(weak_type=False)
+                 for x in (q, k, v, *tile_math.differentiable_consts(problem, extras)))
 
 
 def _split_by_partitioner(ctx) -> bool:
@@ -137,10 +139,13 @@ for _prim, _abstract in ((forward_p, _forward_abstract), (backward_p, _backward_
 
 
 def _fold_batch(problem: Problem, args, dims, size):
-    """Merges a vmapped axis of ``size`` into the canonical batch dimension."""
-    new_batch = size * problem.batch
-    q, k, v, mask, seed, rest = _split(problem, args)
-    q_dim, k_dim, v_dim, mask_dim, _, rest_dims = _split(problem, dims)
+    """Merges a vmapped axis of ``size`` into the canonical batch dimension, or None where an
+    operand without a batch dimension (a block table, a captured array) is vmapped."""
+    q, k, v, extras, rest = _split(problem, args)
+    q_dim, k_dim, v_dim, extra_dims, rest_dims = _split(problem, dims)
+    if (extra_dims.table is not None
+            or any(d is not None for d in (*extra_dims.mask_consts, *extra_dims.score_consts))):
+        return None
 
     def fold(x, dim, batch):
         x = jnp.broadcast_to(x[None], (size, *x.shape)) if dim is None else jnp.moveaxis(x, dim, 0)
@@ -148,22 +153,31 @@ def _fold_batch(problem: Problem, args, dims, size):
             x = jnp.broadcast_to(x, (size, batch, *x.shape[2:]))
         return x.reshape(size * batch, *x.shape[2:])
 
+    def fold_rows(x, dim):  # an operand whose leading dim is 1 or the batch
+        return x if dim is None and x.shape[0] == 1 else fold(x, dim, problem.batch)
+
     folded = [fold(x, d, problem.batch) for x, d in ((q, q_dim), (k, k_dim), (v, v_dim))]
-    mask_shape = problem.mask_shape
+    new = dict(batch=size * problem.batch)
+    mask = extras.mask
     if mask is not None:
-        if mask_dim is None and mask_shape[0] == 1:
-            folded.append(mask)
-        else:
-            folded.append(fold(mask, mask_dim, problem.batch))
-            mask_shape = (new_batch, *mask_shape[1:])
+        mask = fold_rows(mask, extra_dims.mask)
+        new["mask_shape"] = tuple(mask.shape)
+    bounds = tuple(fold_rows(x, d) for x, d in zip(extras.bounds, extra_dims.bounds))
+    segments = tuple(fold_rows(x, d) for x, d in zip(extras.segments, extra_dims.segments))
+    if bounds:
+        new["bounds"] = max(x.shape[0] for x in bounds)
+    if segments:
+        new["segments"] = max(x.shape[0] for x in segments)
+    folded += extras._replace(mask=mask, bounds=bounds, segments=segments).flat()
     folded += [fold(x, d, problem.batch) for x, d in zip(rest, rest_dims)]
-    return dataclasses.replace(problem, batch=new_batch, mask_shape=mask_shape), folded
+    return dataclasses.replace(problem, **new), folded
 
 
 def _batching(prim):
     def rule(args, dims, *, problem, plan):
         size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-        if problem.has_dropout:
+        folded = None if problem.has_dropout else _fold_batch(problem, args, dims, size)
+        if folded is None:
             # Sequential: each example keeps the dropout stream it has when called alone.
             moved = [x if d is None else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims)]
             batched = [d is not None for d in dims]
@@ -175,7 +189,7 @@ def _batching(prim):
 
             outs = jax.lax.map(one, [x for x, b in zip(moved, batched) if b])
             return outs, (0,) * len(outs)
-        new_problem, folded = _fold_batch(problem, args, dims, size)
+        new_problem, folded = folded
         outs = prim.bind(*folded, problem=new_problem, plan=plan)
         outs = [o.reshape(size, problem.batch, *o.shape[1:]) for o in outs]
         return outs, (0,) * len(outs)
@@ -186,23 +200,20 @@ batching.primitive_batchers[forward_p] = _batching(forward_p)
 batching.primitive_batchers[backward_p] = _batching(backward_p)
 
 
-def _operands(q, k, v, mask, seed):
-    return [x for x in (q, k, v, mask, seed) if x is not None]
-
-
-def attention(problem: Problem, plan, q, k, v, mask, seed):
+def attention(problem: Problem, plan, q, k, v, extras: Extras):
     """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform.
 
     On a mesh with explicit axes it runs on each device's batch/head shard
     (``partition.explicit``). Inside ``shard_map`` the operands are first made to vary over the
     same manual axes (autodiff sums their cotangents back)."""
     local = functools.partial(_local_attention, partition.split_plan(problem, plan))
-    sharded = partition.explicit(problem, local, q, k, v, mask, seed)
-    return local(problem, q, k, v, mask, seed) if sharded is None else sharded
+    sharded = partition.explicit(problem, local, q, k, v, extras)
+    return local(problem, q, k, v, extras) if sharded is None else sharded
 
 
-def _local_attention(plan: Plan, problem: Problem, *operands):
-    return _attention(problem, plan, *_same_varying_axes(*operands))
+def _local_attention(plan: Plan, problem: Problem, q, k, v, extras: Extras):
+    q, k, v, *flat = _same_varying_axes(q, k, v, *extras.flat())
+    return _attention(problem, plan, q, k, v, Extras.unflat(problem, flat)[0])
 
 
 def _varying(x) -> frozenset:
@@ -212,32 +223,38 @@ def _varying(x) -> frozenset:
 
 
 def _same_varying_axes(*args):
-    axes = frozenset().union(*(_varying(x) for x in args if x is not None))
+    axes = frozenset().union(*(_varying(x) for x in args))
     if not axes:
         return args
-    return tuple(x if x is None or not (missing := axes - _varying(x))
+    return tuple(x if not (missing := axes - _varying(x))
                  else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(problem: Problem, plan: Plan, q, k, v, mask, seed):
-    return tuple(forward_p.bind(*_operands(q, k, v, mask, seed), problem=problem, plan=plan))
+def _attention(problem: Problem, plan: Plan, q, k, v, extras: Extras):
+    return tuple(forward_p.bind(q, k, v, *extras.flat(), problem=problem, plan=plan))
 
 
-def _attention_fwd(problem, plan, q, k, v, mask, seed):
-    out, lse = _attention(problem, plan, q, k, v, mask, seed)
-    return (out, lse), (q, k, v, mask, seed, out, lse)
+def _attention_fwd(problem, plan, q, k, v, extras):
+    out, lse = _attention(problem, plan, q, k, v, extras)
+    return (out, lse), (q, k, v, extras, out, lse)
 
 
 def _attention_bwd(problem, plan, residuals, cotangents):
-    q, k, v, mask, seed, out, lse = residuals
+    q, k, v, extras, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv = backward_p.bind(*_operands(q, k, v, mask, seed), out, lse, dout, dlse,
-                                 problem=problem, plan=plan)
+    dq, dk, dv, *dconsts = backward_p.bind(q, k, v, *extras.flat(), out, lse, dout, dlse,
+                                           problem=problem, plan=plan)
     dmask = None
-    if mask is not None and not problem.mask_is_bool:
-        dmask = math_kernel.mask_gradient(problem, q, k, v, mask, seed, dout, dlse)
-    return dq, dk, dv, dmask, None
+    if extras.mask is not None and not problem.mask_is_bool:
+        dmask = math_kernel.mask_gradient(problem, q, k, v, extras, dout, dlse)
+    it = iter(dconsts)
+    dscore = tuple(next(it) if d else None
+                   for d in (problem.score_fn.differentiable if problem.score_fn else ()))
+    none = lambda xs: tuple(None for _ in xs)
+    dextras = Extras(dmask, None, none(extras.bounds), none(extras.segments), None,
+                     none(extras.mask_consts), dscore)
+    return dq, dk, dv, dextras
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

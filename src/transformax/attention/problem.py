@@ -1,17 +1,84 @@
 """The canonical attention problem every kernel receives, and helpers kernels share.
 
 Canonical operands: query ``(B, Hq, L, E)``, key ``(B, Hk, S, E)``, value ``(B, Hk, S, Ev)``
-with ``Hq % Hk == 0`` (query head ``h`` reads key/value head ``h // (Hq // Hk)``), an optional
-dense mask ``(Bm, Hm, Lm, Sm)`` whose dims are 1 or full, and an optional ``uint32[2]`` dropout
-seed.
+with ``Hq % Hk == 0`` (query head ``h`` reads key/value head ``h // (Hq // Hk)``), and the
+``Extras``: a dense mask, a dropout seed, the structured mask's arrays, the score_mod's captured
+arrays, each present only where the ``Problem`` says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class Hoisted:
+    """A function of scalars whose captured arrays are explicit trailing arguments:
+    ``fn(*scalars, *consts)``. Static (hashable by identity): the consts travel as operands, so
+    the function also runs inside the kernels' own traces, and autodiff reaches them."""
+
+    def __init__(self, jaxpr, name: str, differentiable: tuple[bool, ...]):
+        self.jaxpr, self.name, self.differentiable = jaxpr, name, differentiable
+
+    @property
+    def n_consts(self) -> int:
+        return len(self.differentiable)
+
+    def __call__(self, *args):
+        n = len(self.jaxpr.invars)
+        return jax.core.eval_jaxpr(self.jaxpr, args[n:], *args[:n])[0]
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def hoist(fn, name: str, *scalar_dtypes) -> tuple[Hoisted, tuple]:
+    """``fn`` of scalars of ``scalar_dtypes`` as a ``Hoisted`` and the arrays it captures."""
+    closed = jax.make_jaxpr(fn)(*(jax.ShapeDtypeStruct((), d) for d in scalar_dtypes))
+    if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
+        raise ValueError(f"{name} must return one scalar per element (it is applied "
+                         f"elementwise, as in torch); it returned {closed.out_avals}")
+    consts = tuple(closed.consts)
+    differentiable = tuple(bool(jnp.issubdtype(jnp.result_type(c), jnp.inexact)) for c in consts)
+    return Hoisted(closed.jaxpr, name, differentiable), consts
+
+
+class Extras(NamedTuple):
+    """The operands beside q, k, v (None or empty where the problem has none)."""
+
+    mask: jax.Array | None = None  # dense (Bm, Hm, Lm, Sm): bool selects, float adds
+    seed: jax.Array | None = None  # uint32[2] dropout seed
+    bounds: tuple = ()  # (lo, hi): int32 (Bm, L); key j visible iff lo <= j < hi
+    segments: tuple = ()  # (q_ids (Bm, L), kv_ids (Bm, S)): int32; visible iff equal
+    table: jax.Array | None = None  # int8 (Bm, Hm, nq, nk) block classes of mask_fn
+    mask_consts: tuple = ()  # the generic mask_mod's captured arrays
+    score_consts: tuple = ()  # the score_mod's captured arrays
+
+    def flat(self) -> list:
+        return [x for x in (self.mask, self.seed, *self.bounds, *self.segments, self.table,
+                            *self.mask_consts, *self.score_consts) if x is not None]
+
+    @classmethod
+    def unflat(cls, problem: "Problem", flat) -> tuple["Extras", list]:
+        """``flat`` -> (Extras, the operands after them)."""
+        it = iter(flat)
+        take = lambda present, n=1: tuple(next(it) for _ in range(n)) if present else ()
+        mask, = take(problem.has_mask) or (None,)
+        seed, = take(problem.has_dropout) or (None,)
+        bounds = take(problem.bounds is not None, 2)
+        segments = take(problem.segments is not None, 2)
+        table, = take(problem.table_blocks is not None) or (None,)
+        mask_consts = take(problem.mask_fn is not None, _n_consts(problem.mask_fn))
+        score_consts = take(problem.score_fn is not None, _n_consts(problem.score_fn))
+        return cls(mask, seed, bounds, segments, table, mask_consts, score_consts), list(it)
+
+
+def _n_consts(fn: Hoisted | None) -> int:
+    return 0 if fn is None else fn.n_consts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +98,11 @@ class Problem:
     mask_dtype: np.dtype | None = None  # bool: True = may attend; float: added to scores
     mask_shape: tuple[int, int, int, int] | None = None
     dropout_p: float = 0.0
+    bounds: int | None = None  # Bm of the per-row key intervals (lo, hi)
+    segments: int | None = None  # Bm of the segment ids
+    mask_fn: Hoisted | None = None  # generic mask_mod(b, h, q_idx, kv_idx, *consts) -> bool
+    table_blocks: tuple[int, int] | None = None  # (block_q, block_k) of mask_fn's block table
+    score_fn: Hoisted | None = None  # score_mod(score, b, h, q_idx, kv_idx, *consts)
     # ((kernel name, 'fwd' | 'bwd'), config) for the planned kernels that have configs.
     kernel_configs: tuple = ()
 
@@ -59,6 +131,20 @@ class Problem:
     def has_dropout(self) -> bool:
         return self.dropout_p > 0.0
 
+    @property
+    def structured(self) -> bool:
+        """A mask beyond a static causal offset or a dense array: intervals, segments, a
+        mask_mod (they are in ``Extras``)."""
+        return self.bounds is not None or self.segments is not None or self.mask_fn is not None
+
+    def features(self) -> set[str]:
+        """What this call needs beyond plain attention, by name, for ``reasons_unsupported``."""
+        named = {"dense mask": self.has_mask, "dropout": self.has_dropout,
+                 "key intervals": self.bounds is not None,
+                 "segment ids": self.segments is not None, "mask_mod": self.mask_fn is not None,
+                 "score_mod": self.score_fn is not None}
+        return {name for name, used in named.items() if used}
+
     def visible_pairs(self) -> int:
         """(query, key) pairs the causal structure leaves visible, per batch and head."""
         if self.causal_offset is None:
@@ -74,45 +160,6 @@ class Problem:
             self.head_dim + self.v_head_dim)
         return forward, 3.5 * forward
 
-    def tile_visibility(self, row0: int, row1: int, col0: int, col1: int) -> str:
-        """Causal status of the tile rows [row0, row1) x cols [col0, col1): 'full', 'partial' or
-        'none' (dense masks are not considered)."""
-        if self.causal_offset is None:
-            return "full"
-        if col0 > row1 - 1 + self.causal_offset:
-            return "none"
-        if col1 - 1 <= row0 + self.causal_offset:
-            return "full"
-        return "partial"
-
-
-def mask_scores(problem: Problem, scores, rows, cols, mask_tile=None):
-    """Applies the causal structure and a dense mask tile to f32 ``scores``.
-
-    ``rows``/``cols`` are int32 index arrays broadcastable to ``scores``; masked entries
-    become ``-inf``. A float ``mask_tile`` is added, a bool one selects.
-    """
-    if mask_tile is not None:
-        if problem.mask_is_bool:
-            scores = jnp.where(mask_tile, scores, -jnp.inf)
-        else:
-            scores = scores + mask_tile.astype(scores.dtype)
-    if problem.causal_offset is not None:
-        scores = jnp.where(cols <= rows + problem.causal_offset, scores, -jnp.inf)
-    return scores
-
-
-def finite_or_zero(row_max):
-    """The running max with fully masked rows (``-inf``) replaced by 0, so that
-    ``exp(s - max)`` gives 0 instead of NaN."""
-    return jnp.where(row_max == -jnp.inf, 0.0, row_max)
-
-
-def row_delta(out, dout, dlse):
-    """``rowsum(dout * out) - dlse`` in (at least) f32: the backward pass's per-row correction."""
-    acc = jnp.promote_types(out.dtype, jnp.float32)
-    return jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse
-
 
 def sum_range(start: int, stop: int, shift: int) -> int:
     """sum(i + shift for i in range(start, stop))."""
@@ -122,25 +169,3 @@ def sum_range(start: int, stop: int, shift: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division: the number of ``b``-sized blocks covering ``a``."""
     return -(-a // b)
-
-
-def _fmix32(x):
-    """MurmurHash3's 32-bit finaliser: a cheap, well-mixing uint32 -> uint32 map."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def dropout_keep(seed, dropout_p: float, batch_head, rows, cols):
-    """Counter-based dropout: True where the probability of (batch·Hq + head, row, col) is kept.
-
-    Every kernel computes the same bits from ``seed`` (``uint32[2]``) and the element's
-    coordinates, so forward and backward, tiled or not, agree exactly.
-    """
-    row_key = _fmix32(seed[0] ^ _fmix32(jnp.asarray(batch_head, jnp.uint32) * jnp.uint32(0x9E3779B9)
-                                        + rows.astype(jnp.uint32)))
-    bits = _fmix32(row_key ^ (cols.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F) + seed[1]))
-    threshold = np.uint32(min(round(dropout_p * 2.0**32), 2**32 - 1))
-    return bits >= threshold

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import importlib
 from collections.abc import Iterable, Iterator
 
 import jax
 
-from transformax.attention import tune
+from transformax.attention import backends, tune
 from transformax.attention.problem import Problem
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -24,22 +23,17 @@ class Backend(str, enum.Enum):
     XLA_FLASH = "xla_flash"
     CPU_FLASH = "cpu_flash"
     PALLAS_TRITON = "pallas_triton"
-    PALLAS_MOSAIC_GPU = "pallas_mosaic_gpu"
     PALLAS_TPU = "pallas_tpu"
     CUDNN = "cudnn"
 
 
 PRIORITY = {
-    "cuda": (Backend.PALLAS_MOSAIC_GPU, Backend.PALLAS_TRITON, Backend.CUDNN,
-             Backend.XLA_FLASH, Backend.MATH),
+    "cuda": (Backend.PALLAS_TRITON, Backend.CUDNN, Backend.XLA_FLASH, Backend.MATH),
     "tpu": (Backend.PALLAS_TPU, Backend.XLA_FLASH, Backend.MATH),
     # The Pallas kernels run on cpu only in interpret mode (TRANSFORMAX_PALLAS_INTERPRET=1).
     "cpu": (Backend.CPU_FLASH, Backend.XLA_FLASH, Backend.MATH, Backend.PALLAS_TRITON,
             Backend.PALLAS_TPU),
 }
-
-_IMPLEMENTED = {Backend.MATH, Backend.XLA_FLASH, Backend.CPU_FLASH, Backend.PALLAS_TRITON,
-                Backend.PALLAS_TPU, Backend.CUDNN}
 
 # (allowed backends, set_priority) or None. A JAX user context: part of jit's cache key, so a
 # function jitted outside a ``sdpa_kernel`` block is traced again inside one. Per thread.
@@ -47,8 +41,8 @@ _allowed = jax.make_user_context(None)
 
 
 def kernel(backend: Backend):
-    """The module implementing ``backend``."""
-    return importlib.import_module(f"transformax.attention.backends.{Backend(backend).value}")
+    """The module implementing ``backend`` (the ``backends.Kernel`` protocol)."""
+    return backends.KERNELS[Backend(backend).value]
 
 
 @contextlib.contextmanager
@@ -71,9 +65,10 @@ def sdpa_kernel(backends: Backend | Iterable[Backend], set_priority: bool = Fals
 
 
 def reasons_unsupported(backend: Backend, problem: Problem, platform: str) -> list[str]:
-    if backend not in _IMPLEMENTED:
-        return ["not implemented"]
-    return kernel(backend).reasons_unsupported(problem, platform)
+    module = kernel(backend)
+    missing = sorted(problem.features() - module.FEATURES)
+    return ([f"{name}: not supported by this kernel" for name in missing]
+            + module.reasons_unsupported(problem, platform))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +176,7 @@ class Explanation:
         lines = [f"sdpa problem: B={p.batch} Hq={p.q_heads} Hk={p.kv_heads} L={p.q_len} "
                  f"S={p.kv_len} E={p.head_dim} Ev={p.v_head_dim} dtype={p.dtype} "
                  f"causal_offset={p.causal_offset} mask={p.mask_dtype}{p.mask_shape or ''} "
-                 f"dropout_p={p.dropout_p}"]
+                 f"dropout_p={p.dropout_p} needs={sorted(p.features()) or 'nothing more'}"]
         forward, both = p.flops()
         lines.append(f"cost: {forward / 1e9:.4g} GFLOP forward, {both / 1e9:.4g} GFLOP forward + "
                      f"backward")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformax import tuning
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem
 
 PASSES = ("fwd", "bwd")
 
@@ -49,7 +49,7 @@ def planned(name: str, problem: Problem, pass_: str):
 
 
 def example_operands(problem: Problem):
-    """Random q, k, v, an all-visible mask (when the problem has one) and a dropout seed."""
+    """Random q, k, v and extras: all-visible masks, zero captured arrays, a dropout seed."""
     p = problem
     rng = np.random.default_rng(0)
 
@@ -62,8 +62,19 @@ def example_operands(problem: Problem):
     mask = None
     if p.has_mask:
         mask = jnp.ones(p.mask_shape, bool) if p.mask_is_bool else jnp.zeros(p.mask_shape, p.dtype)
-    seed = jnp.zeros((2,), jnp.uint32) if p.has_dropout else None
-    return q, k, v, mask, seed
+    rows = lambda n, fill: jnp.full((n, p.q_len), fill, jnp.int32)
+    zeros = lambda fn: tuple(jnp.zeros(v.aval.shape, v.aval.dtype) for v in fn.jaxpr.constvars)
+    extras = Extras(
+        mask=mask, seed=jnp.zeros((2,), jnp.uint32) if p.has_dropout else None,
+        bounds=(rows(p.bounds, 0), rows(p.bounds, p.kv_len)) if p.bounds else (),
+        segments=(rows(p.segments, 0), jnp.zeros((p.segments, p.kv_len), jnp.int32))
+        if p.segments else (),
+        mask_consts=zeros(p.mask_fn) if p.mask_fn else (),
+        score_consts=zeros(p.score_fn) if p.score_fn else ())
+    if p.table_blocks:  # every tile partial
+        shape = (1, 1, *(-(-n // b) for n, b in zip((p.q_len, p.kv_len), p.table_blocks)))
+        extras = extras._replace(table=jnp.ones(shape, jnp.int8))
+    return q, k, v, extras
 
 
 def measure(kernel, problem: Problem, pass_: str, config) -> float:
@@ -71,12 +82,12 @@ def measure(kernel, problem: Problem, pass_: str, config) -> float:
     problem's shape; eager, also when asked while a caller's function is being traced."""
     p = dataclasses.replace(problem, kernel_configs=(((kernel.NAME, pass_), config),))
     with jax.ensure_compile_time_eval():
-        q, k, v, mask, seed = example_operands(p)
+        q, k, v, extras = example_operands(p)
         forward = jax.jit(functools.partial(kernel.forward, p))
         if pass_ == "fwd":
-            return tuning.median_time(lambda: jax.block_until_ready(forward(q, k, v, mask, seed)))
-        out, lse = forward(q, k, v, mask, seed)
+            return tuning.median_time(lambda: jax.block_until_ready(forward(q, k, v, extras)))
+        out, lse = forward(q, k, v, extras)
         backward = jax.jit(functools.partial(kernel.backward, p))
         zero = jnp.zeros_like(lse)
         return tuning.median_time(lambda: jax.block_until_ready(
-            backward(q, k, v, mask, seed, out, lse, out, zero)))
+            backward(q, k, v, extras, out, lse, out, zero)))

@@ -20,7 +20,8 @@ import numpy as np
 
 from transformax import host
 from transformax.attention import tune
-from transformax.attention.problem import Problem, finite_or_zero, row_delta
+from transformax.attention.problem import Extras, Problem
+from transformax.attention.tile_math import finite_or_zero, row_delta
 
 try:
     from transformax import _flash_cpu
@@ -31,6 +32,7 @@ else:
     jax.ffi.register_ffi_target("tfx_cpu_flash_bwd", _flash_cpu.backward, platform="cpu")
 
 NAME = "cpu_flash"
+FEATURES = frozenset({"dense mask", "dropout"})
 # Its FFI targets carry no serialization guarantee: jax.export lowers the next eligible kernel.
 EXPORTABLE = False
 _ISA_CODES = {"avx2": 0, "avx512": 1}
@@ -159,15 +161,17 @@ def _backward_call(problem: Problem, cfg: Config, q, k, v, mask, seed, lse, delt
         delta.astype(jnp.float32), dout.astype(jnp.float32), **_attributes(problem, cfg))
 
 
-def forward(problem: Problem, q, k, v, mask, seed):
+def forward(problem: Problem, q, k, v, extras: Extras):
+    mask, seed = extras.mask, extras.seed
     cfg = tune.planned(NAME, problem, "fwd")
     out, lse = _forward_call(problem, cfg, q, k, v, mask, seed)
     return out.astype(q.dtype), lse
 
 
-def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
+def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
+    mask, seed = extras.mask, extras.seed
     delta = row_delta(out, dout, dlse)
     cfg = tune.planned(NAME, problem, "bwd")
     dq, dk, dv = _backward_call(problem, cfg, q, k, v, mask, seed, finite_or_zero(lse), delta,
                                 dout)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ()

@@ -17,7 +17,10 @@ from jax import lax
 
 from transformax.attention.backends import pallas_common as pc
 from transformax.attention.backends import xla_flash
-from transformax.attention.problem import Problem
+from transformax.attention.problem import Extras, Problem
+
+NAME = "cudnn"
+FEATURES = frozenset({"dense mask"})
 
 _DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 
@@ -55,8 +58,6 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     if problem.has_mask and (problem.q_len % 2 or problem.kv_len % 2):
         reasons.append(f"with a mask cuDNN needs even L and S (got L={problem.q_len}, "
                        f"S={problem.kv_len})")
-    if problem.has_dropout:
-        reasons.append("dropout: jax.nn.dot_product_attention has none")
     return reasons
 
 
@@ -76,18 +77,18 @@ def _attend(problem: Problem, q, k, v, mask):
     return out, lse
 
 
-def forward(problem: Problem, q, k, v, mask, seed):
-    return _attend(problem, q, k, v, mask)
+def forward(problem: Problem, q, k, v, extras: Extras):
+    return _attend(problem, q, k, v, extras.mask)
 
 
-def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
-    _, vjp = jax.vjp(lambda q, k, v: _attend(problem, q, k, v, mask)[0], q, k, v)
+def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
+    _, vjp = jax.vjp(lambda q, k, v: _attend(problem, q, k, v, extras.mask)[0], q, k, v)
     grads = vjp(dout)
 
     def add_lse_gradient(grads):
-        _, exact_lse = xla_flash.forward(problem, q, k, v, mask, seed)
-        extra = xla_flash.backward(problem, q, k, v, mask, seed, jnp.zeros_like(out), exact_lse,
-                                   jnp.zeros_like(dout), dlse)
+        _, exact_lse = xla_flash.forward(problem, q, k, v, extras)
+        extra = xla_flash.backward(problem, q, k, v, extras, jnp.zeros_like(out), exact_lse,
+                                   jnp.zeros_like(dout), dlse)[:3]
         return tuple(g + e for g, e in zip(grads, extra))
 
-    return lax.cond(jnp.any(dlse != 0), add_lse_gradient, lambda grads: grads, grads)
+    return (*lax.cond(jnp.any(dlse != 0), add_lse_gradient, lambda grads: grads, grads), ())

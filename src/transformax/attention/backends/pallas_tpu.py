@@ -31,11 +31,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from transformax.attention.backends import pallas_common as pc
-from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
-                                          mask_scores, row_delta)
+from transformax.attention import tile_math
+from transformax.attention.problem import Extras, Problem, cdiv
+from transformax.attention.tile_math import Index, dropout_keep, finite_or_zero, row_delta
 
 _DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
 _PARALLEL, _ARBITRARY = pltpu.PARALLEL, pltpu.ARBITRARY
+
+NAME = "pallas_tpu"
+FEATURES = frozenset({"dense mask", "dropout"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +95,8 @@ class _Tile:
             tile = tile.astype(jnp.int32) != 0 if p.mask_is_bool else tile.astype(jnp.float32)
         if edge or tile is not None:
             dense_only = dataclasses.replace(p, causal_offset=None)
-            s = mask_scores(p if edge else dense_only, s, self.rows, self.cols, tile)
+            s = tile_math.scores(p if edge else dense_only, Extras(), s,
+                                 Index(0, 0, self.rows, self.cols), tile)
         if edge and p.kv_len % k.shape[0]:
             s = jnp.where(self.cols < p.kv_len, s, -jnp.inf)
         return s
@@ -379,16 +384,17 @@ def _backward_call(p: Problem, cfg: Config, *, interpret):
     return run
 
 
-def forward(problem: Problem, q, k, v, mask, seed, config: Config | None = None,
+def forward(problem: Problem, q, k, v, extras: Extras, config: Config | None = None,
             interpret=None):
     """``config`` defaults to ``default_config(problem)``; ``interpret`` to per-platform (see
     ``pallas_common.per_platform``)."""
     build = functools.partial(_forward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, mask, seed, interpret=interpret))
+    return tuple(pc.per_platform(build, q, k, v, extras.mask, extras.seed, interpret=interpret))
 
 
-def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse,
+def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse,
              config: Config | None = None, interpret=None):
     build = functools.partial(_backward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, mask, seed, out, lse, dout, dlse,
-                                 interpret=interpret))
+    dq, dk, dv = pc.per_platform(build, q, k, v, extras.mask, extras.seed, out, lse, dout, dlse,
+                                 interpret=interpret)
+    return dq, dk, dv, ()

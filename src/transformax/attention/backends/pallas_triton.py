@@ -31,8 +31,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from transformax.attention.backends import pallas_common as pc
-from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
-                                          mask_scores, row_delta)
+from transformax.attention import tile_math
+from transformax.attention.problem import Extras, Problem, cdiv
+from transformax.attention.tile_math import Index, dropout_keep, finite_or_zero, row_delta
 
 # The Triton lowering is used on purpose (the portable sm80+ kernel, and the one interpret mode
 # checks); JAX 0.11 deprecates it in favour of Mosaic GPU and would warn at every lowering.
@@ -45,6 +46,9 @@ MAX_HEAD_DIM = 256
 _DTYPES = tuple(np.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 _TN = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
+
+NAME = "pallas_triton"
+FEATURES = frozenset({"dense mask", "dropout"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +225,8 @@ class _Scores:
         if self.mask_ref is not None:
             tile = self._mask_tile(mask_head, row0, col0, rows, cols, edge)
         if edge or tile is not None:
-            s = mask_scores(p if edge else self.dense_only, s, rows, cols, tile)
+            s = tile_math.scores(p if edge else self.dense_only, Extras(), s,
+                                 Index(0, 0, rows, cols), tile)
         if edge and p.kv_len % k.shape[0]:
             s = jnp.where(cols < p.kv_len, s, -jnp.inf)
         return s
@@ -485,16 +490,17 @@ def _backward_call(p: Problem, cfg: Config, *, interpret):
     return run
 
 
-def forward(problem: Problem, q, k, v, mask, seed, config: Config | None = None,
+def forward(problem: Problem, q, k, v, extras: Extras, config: Config | None = None,
             interpret=None):
     """``config`` defaults to ``default_config(problem)``; ``interpret`` to per-platform (see
     ``pallas_common.per_platform``)."""
     build = functools.partial(_forward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, mask, seed, interpret=interpret))
+    return tuple(pc.per_platform(build, q, k, v, extras.mask, extras.seed, interpret=interpret))
 
 
-def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse,
+def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse,
              config: Config | None = None, interpret=None):
     build = functools.partial(_backward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, mask, seed, out, lse, dout, dlse,
-                                 interpret=interpret))
+    dq, dk, dv = pc.per_platform(build, q, k, v, extras.mask, extras.seed, out, lse, dout, dlse,
+                                 interpret=interpret)
+    return dq, dk, dv, ()

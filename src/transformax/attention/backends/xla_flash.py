@@ -1,9 +1,10 @@
 """Blockwise flash attention in plain JAX (the CPU default).
 
 Online softmax over key/value blocks with f32 statistics; memory is O(L·E): the scores exist
-one ``(block_q, block_k)`` tile at a time. Tiles a causal mask hides completely are never
-computed, tiles it shows completely skip the masking work. The backward pass recomputes the
-probabilities from the saved log-sum-exp (FlashAttention-2's scheme).
+one ``(block_q, block_k)`` tile at a time. Tiles the mask hides completely (``blocks``) are
+never computed, tiles it shows completely skip the masking work; every mask, ``score_mod`` and
+its gradient (``tile_math``) run here. The backward pass recomputes the probabilities from the
+saved log-sum-exp (FlashAttention-2's scheme).
 
 Layout: the ``G`` query heads that share a key/value head are stacked along the rows of a q
 block, so every matmul is a plain batched ``(B, Hk, G·block_q, E) x (B, Hk, E, block_k)``
@@ -19,12 +20,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformax import host
-from transformax.attention import tune
-from transformax.attention.problem import (Problem, cdiv, dropout_keep, finite_or_zero,
-                                          mask_scores, row_delta)
-
+from transformax.attention import blocks, tile_math, tune
+from transformax.attention.problem import Extras, Problem, cdiv
+from transformax.attention.tile_math import Index, dropout_keep, finite_or_zero, row_delta
 
 NAME = "xla_flash"
+FEATURES = frozenset({"dense mask", "dropout", "key intervals", "segment ids", "mask_mod",
+                      "score_mod"})
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
@@ -70,9 +72,10 @@ def _pad(x, axis: int, size: int):
 
 
 class _Tiling:
-    """The static tiling of one problem: block layout and which tiles need which work."""
+    """The tiling of one problem: block layout, and which key blocks each query block visits
+    (FULL ones without masking, PARTIAL ones with it), merged over batch and heads."""
 
-    def __init__(self, problem: Problem, backward: bool):
+    def __init__(self, problem: Problem, extras: Extras, backward: bool):
         p = self.p = problem
         cfg = tune.planned(NAME, problem, "bwd" if backward else "fwd")
         self.bq = min(cfg.block_q, _round_up(problem.q_len, 8))
@@ -81,20 +84,13 @@ class _Tiling:
         self.prescaled = p.dtype == p.acc_dtype
         self.nq, self.nk = cdiv(p.q_len, self.bq), cdiv(p.kv_len, self.bk)
         self.rows_per_block = p.groups * self.bq
-        ragged = p.kv_len % self.bk != 0
-        visible, unmasked = [], []
-        for i in range(self.nq):
-            row0, row1 = i * self.bq, min((i + 1) * self.bq, p.q_len)
-            status = [p.tile_visibility(row0, row1, j * self.bk, min((j + 1) * self.bk, p.kv_len))
-                      for j in range(self.nk)]
-            visible.append(max([j + 1 for j, s in enumerate(status) if s != "none"], default=0))
-            full = 0
-            while (full < visible[-1] and status[full] == "full" and not p.has_mask
-                   and not (ragged and full == self.nk - 1)):
-                full += 1
-            unmasked.append(full)
-        # q block i sees key blocks [0, visible[i]); the first unmasked[i] need no masking.
-        self.visible, self.unmasked = tuple(visible), tuple(unmasked)
+        self.classes = blocks.union(blocks.classify(p, extras, self.bq, self.bk))
+
+    def visits(self, transpose: bool = False):
+        """Per query block (per key block with ``transpose``): the counts and index lists of
+        the FULL and the PARTIAL blocks of the other kind, as int32 arrays."""
+        classes = self.classes.T if transpose else self.classes
+        return blocks.lists(classes, blocks.FULL), blocks.lists(classes, blocks.PARTIAL)
 
     def q_blocks(self, x):
         """``(B, Hq, L, D)`` -> ``(nq, B, Hk, G·bq, D)``."""
@@ -128,31 +124,37 @@ class _Tiling:
             return mask[:, :, None]
         return mask.reshape(mask.shape[0], p.kv_heads, p.groups, *mask.shape[2:])
 
-    def positions(self, i, j):
-        """Query and key positions of tile (i, j): ``(G·bq, 1)`` and ``(1, bk)``."""
-        rows = i * self.bq + lax.broadcasted_iota(jnp.int32, (self.rows_per_block, 1), 0) % self.bq
+    def index(self, i, j) -> Index:
+        """Positions of tile (i, j)'s ``(B, Hk, G·bq, bk)`` scores."""
+        p = self.p
+        row = lax.broadcasted_iota(jnp.int32, (self.rows_per_block, 1), 0)
+        b = lax.broadcasted_iota(jnp.int32, (p.batch, 1, 1, 1), 0)
+        h = lax.broadcasted_iota(jnp.int32, (1, p.kv_heads, 1, 1), 1) * p.groups + row // self.bq
         cols = j * self.bk + lax.broadcasted_iota(jnp.int32, (1, self.bk), 1)
-        return rows, cols
+        return Index(b, h, i * self.bq + row % self.bq, cols)
 
-    def scores(self, q_block, k, mask, seed, i, j, masked: bool):
-        """Scaled scores ``(B, Hk, G·bq, bk)`` of tile (i, j) in ``acc_dtype``, ``-inf`` where hidden, and the
-        dropout keep-mask (or None)."""
+    def raw_scores(self, q_block, k, j):
+        """``q @ k^T * scale`` of key block j, ``(B, Hk, G·bq, bk)`` in the acc dtype."""
         p = self.p
         k_tile = lax.dynamic_slice_in_dim(k, j * self.bk, self.bk, axis=2)
         s = jnp.einsum("bhqe,bhke->bhqk", q_block, k_tile, preferred_element_type=p.acc_dtype)
-        if not self.prescaled:
-            s = s * jnp.asarray(p.scale, p.acc_dtype)
-        rows, cols = self.positions(i, j)
+        return s if self.prescaled else s * jnp.asarray(p.scale, p.acc_dtype)
+
+    def scores(self, raw, extras: Extras, mask, idx: Index, i, j, masked: bool):
+        """Raw scores -> the scores the softmax sees (``-inf`` where hidden), and the dropout
+        keep-mask (or None)."""
+        p = self.p
         if masked:
-            s = mask_scores(p, s, rows, cols, None if mask is None else self.mask_tile(mask, i, j))
+            tile = None if mask is None else self.mask_tile(mask, i, j)
+            s = tile_math.scores(p, extras, raw, idx, tile)
             if p.kv_len % self.bk:
-                s = jnp.where(cols < p.kv_len, s, -jnp.inf)
+                s = jnp.where(idx.kv < p.kv_len, s, -jnp.inf)
+        else:
+            s = tile_math.score_mod(p, extras, raw, idx)
         keep = None
         if p.has_dropout:
-            group = lax.broadcasted_iota(jnp.int32, (self.rows_per_block, 1), 0) // self.bq
-            heads = jnp.arange(p.kv_heads)[:, None, None] * p.groups + group
-            batch_head = jnp.arange(p.batch)[:, None, None, None] * p.q_heads + heads
-            keep = dropout_keep(seed, p.dropout_p, batch_head, rows, cols)
+            keep = dropout_keep(extras.seed, p.dropout_p, idx.b * p.q_heads + idx.h, idx.q,
+                                idx.kv)
         return s, keep
 
     def mask_tile(self, mask, i, j):
@@ -171,19 +173,24 @@ class _Tiling:
         return self.q_blocks(q), self.kv(k), self.kv(v), self.dense_mask(mask)
 
 
-def forward(problem: Problem, q, k, v, mask, seed):
-    t = _Tiling(problem, backward=False)
+def forward(problem: Problem, q, k, v, extras: Extras):
+    t = _Tiling(problem, extras, backward=False)
     p = problem
-    q_blocks, k, v, mask = t.prepare(q, k, v, mask)
+    q_blocks, k, v, mask = t.prepare(q, k, v, extras.mask)
     rows_shape, acc = (p.batch, p.kv_heads, t.rows_per_block), p.acc_dtype
+    (n_full, full), (n_partial, partial) = (tuple(jnp.asarray(x) for x in pair)
+                                            for pair in t.visits())
 
     def one_q_block(args):
         i, q_block = args
 
-        def step(masked):
-            def body(j, carry):
+        def step(order, masked):
+            def body(n, carry):
                 row_max, total, weighted = carry
-                s, keep = t.scores(q_block, k, mask, seed, i, j, masked)
+                j = order[i, n]
+                idx = t.index(i, j)
+                s, keep = t.scores(t.raw_scores(q_block, k, j), extras, mask, idx, i, j,
+                                    masked)
                 new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
                 safe_max = finite_or_zero(new_max)
                 correction = jnp.exp(row_max - safe_max)
@@ -199,9 +206,8 @@ def forward(problem: Problem, q, k, v, mask, seed):
 
         init = (jnp.full(rows_shape, -jnp.inf, acc), jnp.zeros(rows_shape, acc),
                 jnp.zeros((*rows_shape, p.v_head_dim), acc))
-        unmasked, visible = jnp.array(t.unmasked)[i], jnp.array(t.visible)[i]
-        carry = lax.fori_loop(0, unmasked, step(False), init)
-        row_max, total, weighted = lax.fori_loop(unmasked, visible, step(True), carry)
+        carry = lax.fori_loop(0, n_full[i], step(full, False), init)
+        row_max, total, weighted = lax.fori_loop(0, n_partial[i], step(partial, True), carry)
         seen = total > 0
         safe_total = jnp.where(seen, total, 1.0)
         out = weighted / safe_total[..., None]
@@ -214,29 +220,31 @@ def forward(problem: Problem, q, k, v, mask, seed):
     return t.unblock(out, p.v_head_dim), t.unblock(lse[..., None], 1)[..., 0]
 
 
-def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
-    t = _Tiling(problem, backward=True)
+def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
+    t = _Tiling(problem, extras, backward=True)
     p, acc = problem, problem.acc_dtype
     delta = row_delta(out, dout, dlse)
-    q_blocks, k, v, mask = t.prepare(q, k, v, mask)
+    q_blocks, k, v, mask = t.prepare(q, k, v, extras.mask)
     dout_blocks = t.q_blocks(dout)
     lse_blocks = finite_or_zero(t.q_blocks(lse[..., None])[..., 0])  # hidden rows: p = 0
     delta_blocks = t.q_blocks(delta[..., None])[..., 0]
-    # Key block j is seen by q blocks [first[j], nq), without masking from split[j] on.
-    first = [next((i for i in range(t.nq) if t.visible[i] > j), t.nq) for j in range(t.nk)]
-    split = [max(first[j], next((i for i in range(t.nq) if t.unmasked[i] > j), t.nq))
-             for j in range(t.nk)]
+    (n_full, full), (n_partial, partial) = (tuple(jnp.asarray(x) for x in pair)
+                                            for pair in t.visits(transpose=True))
+    consts = tile_math.differentiable_consts(p, extras)
 
-    def one_k_block(dq, args):
-        j, first_j, split_j = args
+    def one_k_block(carry, j):
+        dq, dconsts = carry
         k_tile = lax.dynamic_slice_in_dim(k, j * t.bk, t.bk, axis=2)
         v_tile = lax.dynamic_slice_in_dim(v, j * t.bk, t.bk, axis=2)
 
-        def step(masked):
-            def body(i, carry):
-                dq, dk, dv = carry
+        def step(order, masked):
+            def body(n, carry):
+                dq, dk, dv, dconsts = carry
+                i = order[j, n]
                 q_block, do_block = q_blocks[i], dout_blocks[i]
-                s, keep = t.scores(q_block, k, mask, seed, i, j, masked)
+                idx = t.index(i, j)
+                raw = t.raw_scores(q_block, k, j)
+                s, keep = t.scores(raw, extras, mask, idx, i, j, masked)
                 probs = jnp.exp(s - lse_blocks[i][..., None])
                 dp = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_tile,
                                 preferred_element_type=acc)
@@ -247,22 +255,25 @@ def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
                     dp = jnp.where(keep, dp * inv_keep, 0.0)
                 dv = dv + jnp.einsum("bhqk,bhqd->bhkd", dropped.astype(do_block.dtype), do_block,
                                      preferred_element_type=acc)
-                ds = (probs * (dp - delta_blocks[i][..., None])).astype(q_block.dtype)
+                ds, dtile = tile_math.score_mod_vjp(p, extras, raw, idx,
+                                                    probs * (dp - delta_blocks[i][..., None]))
+                dconsts = tuple(a + b for a, b in zip(dconsts, dtile))
+                ds = ds.astype(q_block.dtype)
                 dk = dk + jnp.einsum("bhqk,bhqe->bhke", ds, q_block,
                                      preferred_element_type=acc)
                 dq = dq.at[i].add(jnp.einsum("bhqk,bhke->bhqe", ds, k_tile,
                                              preferred_element_type=acc))
-                return dq, dk, dv
+                return dq, dk, dv, dconsts
             return body
 
-        init = (dq, jnp.zeros(k_tile.shape, acc), jnp.zeros(v_tile.shape, acc))
-        carry = lax.fori_loop(first_j, split_j, step(True), init)
-        dq, dk, dv = lax.fori_loop(split_j, t.nq, step(False), carry)
-        return dq, (dk, dv)
+        init = (dq, jnp.zeros(k_tile.shape, acc), jnp.zeros(v_tile.shape, acc), dconsts)
+        carry = lax.fori_loop(0, n_partial[j], step(partial, True), init)
+        dq, dk, dv, dconsts = lax.fori_loop(0, n_full[j], step(full, False), carry)
+        return (dq, dconsts), (dk, dv)
 
     dq0 = jnp.zeros((*q_blocks.shape[:-1], p.head_dim), acc)
-    dq, (dk, dv) = lax.scan(one_k_block, dq0, (jnp.arange(t.nk), jnp.array(first, jnp.int32),
-                                               jnp.array(split, jnp.int32)))
+    dconsts0 = tuple(jnp.zeros(c.shape, acc) for c in consts)
+    (dq, dconsts), (dk, dv) = lax.scan(one_k_block, (dq0, dconsts0), jnp.arange(t.nk))
     # ds is the gradient of the scaled scores.
     dq = t.unblock(dq, p.head_dim) * jnp.asarray(p.scale, acc)
     if not t.prescaled:
@@ -272,4 +283,5 @@ def backward(problem: Problem, q, k, v, mask, seed, out, lse, dout, dlse):
         x = jnp.moveaxis(x, 0, 2).reshape(p.batch, p.kv_heads, t.nk * t.bk, x.shape[-1])
         return x[:, :, :p.kv_len]
 
-    return dq.astype(q.dtype), unblock_kv(dk).astype(k.dtype), unblock_kv(dv).astype(v.dtype)
+    return (dq.astype(q.dtype), unblock_kv(dk).astype(k.dtype), unblock_kv(dv).astype(v.dtype),
+            tuple(d.astype(c.dtype) for d, c in zip(dconsts, consts)))
