@@ -1,21 +1,27 @@
 """Int8 inference benchmark on CPU: transformax f32 / int8-weight / int8-dynamic (each eligible
-kernel) against torch f32 and torch ``quantize_dynamic`` (x86, fbgemm and onednn engines) on the
-PERF.md MLP stack, same weights and inputs, one process, interleaved rounds, medians.
+kernel) against torch f32, torch ``quantize_dynamic`` (x86, fbgemm and onednn engines) and
+torch's int8 weight-only linear (``_weight_int8pack_mm``) on the PERF.md MLP stack, same weights
+and inputs, one process, interleaved rounds, medians.
 
-    python scripts/bench_quant.py [--bench mlp decode] [--blocks 6] [--tokens 4096]
-                                  [--rounds 3] [--repeats 2] [--out bench_quant.json]
-    XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/bench_quant.py
+    python scripts/bench_quant.py [--bench mlp linear decode] [--blocks 6] [--tokens 4096]
+                                  [--rows 1 8 64 256] [--rounds 3] [--repeats 2]
+                                  [--out bench_quant.json]
+    XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python scripts/bench_quant.py
 
 The stack: ``--blocks`` x [Linear(1024 -> 4096) -> GELU(tanh) -> Linear(4096 -> 1024)] on
 ``--tokens`` tokens. Errors are relative Frobenius norms against a float64 torch forward.
-``--bench decode``: GPT-2-small greedy decoding (batch 1) tokens/s, f32 against int8. Prints
-tables and writes JSON with the host (CPU, ISA, caches, versions, flags).
+``--bench linear``: one Linear(1024 -> 4096) at ``--rows`` rows, f32 against int8 weight-only
+(each transformax kernel; torch's with f32 and bf16 activations). ``--bench decode``: GPT-2-small
+greedy decoding (batch 1) tokens/s, f32 against int8. Prints tables and writes JSON with the
+host (CPU, ISA, caches, versions, flags).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -59,6 +65,30 @@ def torch_stack(weights, dtype=torch.float32) -> torch.nn.Sequential:
     return torch.nn.Sequential(*modules).eval()
 
 
+def int8_per_channel(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's weight-only layout of a float ``(in, out)`` weight: int8 ``(out, in)`` and the
+    per-output-channel scale (symmetric, as ``quant.quantize`` rounds)."""
+    amax = np.abs(w).max(0)
+    scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return torch.from_numpy(q.T.copy()), torch.from_numpy(scale)
+
+
+def torch_weight_only(weights, dtype):
+    """The MLP stack on torch's int8 weight-only matmul, activations in ``dtype``."""
+    layers = [(*int8_per_channel(block[name]["w"]), torch.from_numpy(block[name]["b"]), name)
+              for block in weights for name in ("fc", "proj")]
+
+    def run(x):
+        x = x.to(dtype)
+        for q, scale, b, name in layers:
+            x = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(dtype)) + b.to(dtype)
+            if name == "fc":
+                x = torch.nn.functional.gelu(x, approximate="tanh")
+        return x.float()
+    return run
+
+
 def tfx_stack(params, x):
     for block in params:
         x = nn.gelu_mlp(block, x)
@@ -78,6 +108,8 @@ def timed_rounds(candidates: dict, rounds: int, repeats: int) -> dict[str, list[
 
 
 def rel_error(y, ref: np.ndarray) -> float:
+    if isinstance(y, torch.Tensor):
+        y = y.double()
     return float(np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref))
 
 
@@ -102,6 +134,8 @@ def mlp_bench(args) -> list[dict]:
             torch.backends.quantized.engine = engine
             return qmodel(tx)
         runs[f"torch quantize_dynamic {engine}"] = run
+    runs["torch int8 weight-only bf16 x"] = functools.partial(
+        torch_weight_only(weights, torch.bfloat16), tx)  # f32 x: minutes at 4096 rows
 
     params = jax.tree.map(jnp.asarray, weights)
     xj = jnp.asarray(x)
@@ -152,6 +186,47 @@ def mlp_bench(args) -> list[dict]:
     return rows
 
 
+def linear_bench(args) -> list[dict]:
+    """One Linear(1024 -> 4096) without bias at each of ``--rows``: f32 and int8 weight-only."""
+    w = mlp_weights(1)[0]["fc"]["w"]
+    q, scale = int8_per_channel(w)
+    qparams = quant.quantize({"w": jnp.asarray(w)}, "int8-weight")
+    tw, wj = torch.from_numpy(w), jnp.asarray(w)
+    rows = []
+    print(f"\nLinear({D}->{HIDDEN}), no bias: time per call, medians of "
+          f"{args.rounds}x{args.repeats * 10}; * = the kernel quant picks here")
+    for m in args.rows:
+        x = np.random.default_rng(3).standard_normal((m, D)).astype(np.float32)
+        tx, xj = torch.from_numpy(x), jnp.asarray(x)
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        f32 = jax.jit(lambda x, w: x @ w).lower(xj, wj).compile()
+        runs = {"transformax f32": lambda c=f32: jax.block_until_ready(c(xj, wj))}
+        for v in quant.explain(xj, qparams["w"]).rows:
+            if v.platform == "cpu" and not v.reasons:
+                with quant.kernel([v.kernel]):
+                    c = jax.jit(nn.linear).lower(qparams, xj).compile()
+                name = f"transformax int8-weight [{v.kernel.value}]{'*' if v.chosen else ''}"
+                runs[name] = lambda c=c: jax.block_until_ready(c(qparams, xj))
+        runs["torch f32"] = lambda: tx @ tw
+        for dtype in (torch.float32, torch.bfloat16):
+            runs[f"torch int8 weight-only {str(dtype)[6:]} x"] = functools.partial(
+                torch.ops.aten._weight_int8pack_mm, tx.to(dtype), q, scale.to(dtype))
+        with torch.no_grad():
+            errors = {n: rel_error(r(), ref) for n, r in runs.items()}
+            times = timed_rounds(runs, args.rounds, args.repeats * 10)
+        base = statistics.median(times["transformax f32"])
+        torch_best = min(statistics.median(times[n]) for n in times if "torch int8" in n)
+        print(f"rows {m}:")
+        for n in runs:
+            t = statistics.median(times[n])
+            rows.append({"rows": m, "name": n, "median_s": t, "speedup_vs_transformax_f32":
+                         base / t, "time_vs_best_torch_int8": t / torch_best,
+                         "rel_error": errors[n]})
+            print(f"  {n:<42} {t * 1e3:>9.3f} ms {base / t:>6.2f}x tfx f32 "
+                  f"{t / torch_best:>6.2f}t torch int8 {errors[n]:>9.2e}")
+    return rows
+
+
 def decode_bench(args) -> list[dict]:
     """GPT-2-small shape (random weights), batch 1, greedy: tokens/s and parameter bytes."""
     cfg = gpt.Config()
@@ -195,7 +270,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=32 * 128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bench", nargs="+", choices=("mlp", "decode"), default=["mlp"])
+    parser.add_argument("--bench", nargs="+", choices=("mlp", "linear", "decode"),
+                        default=["mlp"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench_quant.json")
     args = parser.parse_args(argv)
@@ -209,7 +286,8 @@ def main(argv=None) -> None:
               "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "args": vars(args)}
     for name in args.bench:
-        result[name] = {"mlp": mlp_bench, "decode": decode_bench}[name](args)
+        result[name] = {"mlp": mlp_bench, "linear": linear_bench,
+                        "decode": decode_bench}[name](args)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.out}")

@@ -60,8 +60,9 @@ def test_zero_rows_and_columns_and_an_outlier():
     assert np.all(np.isfinite(y)) and np.all(y[:, 3] == 0)
 
 
-def test_zero_activations_give_zero():
-    qparams = quant.quantize(layer(), "int8-dynamic")
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int8-weight"])
+def test_zero_activations_give_zero(recipe):
+    qparams = quant.quantize(layer(), recipe)
     np.testing.assert_array_equal(nn.linear(qparams, jnp.zeros((2, K))), np.zeros((2, N)))
 
 

@@ -9,11 +9,12 @@ in its static priority; other platforms (which cannot be timed here) by priority
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import enum
 import importlib
 from collections.abc import Iterable, Iterator
+
+import jax
 
 from transformax.attention.primitive import current_platform
 from transformax.attention.select import PLATFORMS
@@ -27,20 +28,23 @@ class Kernel(str, enum.Enum):
     DEQUANT = "dequant"
     XLA_INT8 = "xla_int8"
     XLA_BF16 = "xla_bf16"
+    XLA_INT8X2 = "xla_int8x2"
     PALLAS_TRITON = "pallas_triton"
 
 
 PRIORITY = {
-    "cpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
-    "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
-    "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.DEQUANT),
+    "cpu": (Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT),
+    "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2,
+             Kernel.DEQUANT),
+    "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2, Kernel.DEQUANT),
 }
 
 _MISSING = {Kernel.PALLAS_TRITON: "not implemented yet (no GPU to verify it on; cuda runs "
                                   "xla_int8)"}
 
-_allowed: contextvars.ContextVar[tuple[tuple[Kernel, ...], bool] | None] = (
-    contextvars.ContextVar("transformax_quant_kernel", default=None))
+# (allowed kernels, set_priority) or None. A JAX user context: part of jit's cache key, so a
+# function jitted outside a ``kernel`` block is traced again inside one.
+_allowed = jax.make_user_context(None)
 
 
 def module(kernel_: Kernel):
@@ -63,11 +67,8 @@ def kernel(kernels: Kernel | str | Iterable[Kernel | str],
                          f"{[k.value for k in Kernel]}; got {kernels!r}") from err
     if not chosen:
         raise ValueError("quant.kernel: kernels is empty; name at least one quant.Kernel")
-    token = _allowed.set((chosen, set_priority))
-    try:
+    with _allowed((chosen, set_priority)):
         yield
-    finally:
-        _allowed.reset(token)
 
 
 def reasons_unsupported(kernel_: Kernel, problem: Problem, platform: str) -> list[str]:
@@ -87,7 +88,7 @@ class Verdict:
     allowed: bool
     reasons: tuple[str, ...]
     chosen: bool = False
-    source: str = "priority"  # why chosen: priority, or tuning's pinned / cache / tuned
+    source: str = "priority"  # why chosen: priority, host default, or pinned / cache / tuned
 
     def describe(self) -> str:
         if self.chosen:
@@ -99,7 +100,7 @@ class Verdict:
 
 def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     """Every kernel for ``platform``, in the order the selector tries them."""
-    context = _allowed.get()
+    context = _allowed.value
     order = list(PRIORITY[platform])
     if context is not None and context[1]:
         order = list(context[0]) + [k for k in order if k not in context[0]]
@@ -113,8 +114,12 @@ def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     ordered_by_caller = context is not None and context[1]
     if len(eligible) > 1 and platform == current_platform() and not ordered_by_caller:
         choice = tune.choose(problem, eligible, module)
-        if choice.source != "default" and choice.config.kernel in {k.value for k in eligible}:
-            best, source = Kernel(choice.config.kernel), choice.source
+        if choice.config.kernel in {k.value for k in eligible}:
+            best = Kernel(choice.config.kernel)
+            if choice.source != "default":
+                source = choice.source
+            elif best != eligible[0]:
+                source = "host default"
     return [dataclasses.replace(v, chosen=True, source=source) if v.kernel == best else v
             for v in rows]
 

@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformax import tuning
+from transformax import host, tuning
 from transformax.quant.problem import Problem
 from transformax.quant.qweight import QuantizedWeight
 
 NAME = "quant_matmul"
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_MIN_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +40,21 @@ def choose(problem: Problem, eligible: list, module) -> tuning.Choice:
     """The kernel (a :class:`Pick`) for ``problem`` among ``eligible`` (in priority order);
     ``module(kernel)`` is its implementation."""
     return tuning.choose(NAME, "fwd", problem_class(problem), Pick,
-                         default=lambda: Pick(eligible[0].value),
+                         default=lambda: default_pick(problem, eligible),
                          candidates=lambda: [Pick(k.value) for k in eligible],
                          measure=lambda pick: measure(problem, module(pick.kernel)))
+
+
+def default_pick(problem: Problem, eligible: list) -> Pick:
+    """Unmeasured: the first eligible kernel, except for weight-only products of more than
+    ``BF16_MIN_ROWS`` rows on an AVX-512 host with bf16 instructions (not an emulated AVX2
+    one): ``xla_bf16`` (measured on Sapphire Rapids at 1024 rows: 2.1x faster than float32,
+    1.7x than ``xla_int8x2``)."""
+    names, machine = [k.value for k in eligible], host.current()
+    if (problem.activations == "none" and problem.m > BF16_MIN_ROWS and "xla_bf16" in names
+            and machine.isa == "avx512" and set(BF16_FLAGS) & set(machine.isa_flags)):
+        return Pick("xla_bf16")
+    return Pick(names[0])
 
 
 def example_operands(p: Problem):

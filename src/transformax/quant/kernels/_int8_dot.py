@@ -5,13 +5,20 @@ from __future__ import annotations
 from transformax.quant import activations
 from transformax.quant.problem import Problem
 
+GROUPED = "grouped weight scales (per-channel and per-tensor only)"
 
-def reasons_unsupported(problem: Problem) -> list[str]:
+
+def reasons_unsupported(problem: Problem, *, activations_: str = "int8") -> list[str]:
+    """Why a kernel for per-channel / per-tensor weights and ``activations_`` ("int8": dynamic
+    or static int8 activations, "float": weight-only, "any") cannot run ``problem``."""
     reasons = []
-    if problem.activations == "none":
+    weight_only = problem.activations == "none"
+    if activations_ == "int8" and weight_only:
         reasons.append("weight-only recipe: the activations are not int8")
+    if activations_ == "float" and not weight_only:
+        reasons.append("int8 activations: xla_int8 multiplies them in one pass")
     if problem.weight_granularity == "group":
-        reasons.append("grouped weight scales (per-channel and per-tensor only)")
+        reasons.append(GROUPED)
     return reasons
 
 

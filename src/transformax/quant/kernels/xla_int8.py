@@ -21,7 +21,8 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
 MIN_ROWS = 4
 
 
-def _dot(xq, wq):
+def int8_dot(xq, wq):
+    """``xq (M, K) @ wq (K, N)`` of int8 operands, int32."""
     m = xq.shape[0]
     if m < MIN_ROWS:
         xq = jnp.pad(xq, ((0, MIN_ROWS - m), (0, 0)))
@@ -30,4 +31,4 @@ def _dot(xq, wq):
 
 
 def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
-    return _int8_dot.matmul(_dot, x, qw)
+    return _int8_dot.matmul(int8_dot, x, qw)
