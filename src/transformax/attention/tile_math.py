@@ -50,20 +50,26 @@ def _row_lookup(table, idx: Index, length: int):
     return table[b, jnp.clip(idx.q, 0, length - 1)]
 
 
-def visible(problem: Problem, extras: Extras, idx: Index):
+def visible(problem: Problem, extras: Extras, idx: Index, gathered: bool = False):
     """Where the structured mask lets the query see the key (bool, broadcastable to the tile),
-    or None where it hides nothing. The dense mask is not included (see ``scores``)."""
+    or None where it hides nothing. The dense mask is not included (see ``scores``).
+    ``gathered``: ``extras.bounds`` and ``extras.segments`` already hold the tile's own values,
+    broadcastable to it (lo, hi, q_ids per row; kv_ids per column), as kernels that cannot
+    gather load them."""
     parts = []
     if problem.causal_offset is not None:
         parts.append(idx.kv <= idx.q + problem.causal_offset)
     if problem.bounds is not None:
-        lo, hi = (_row_lookup(x, idx, problem.q_len) for x in extras.bounds)
+        lo, hi = extras.bounds if gathered else (
+            _row_lookup(x, idx, problem.q_len) for x in extras.bounds)
         parts.append((idx.kv >= lo) & (idx.kv < hi))
     if problem.segments is not None:
         q_ids, kv_ids = extras.segments
-        b = idx.b if kv_ids.shape[0] > 1 else jnp.zeros_like(idx.b)
-        parts.append(_row_lookup(q_ids, idx, problem.q_len)
-                     == kv_ids[b, jnp.clip(idx.kv, 0, problem.kv_len - 1)])
+        if not gathered:
+            b = idx.b if kv_ids.shape[0] > 1 else jnp.zeros_like(idx.b)
+            q_ids = _row_lookup(q_ids, idx, problem.q_len)
+            kv_ids = kv_ids[b, jnp.clip(idx.kv, 0, problem.kv_len - 1)]
+        parts.append(q_ids == kv_ids)
     if problem.mask_fn is not None:
         parts.append(elementwise(problem.mask_fn, idx, extras.mask_consts))
     if not parts:
@@ -82,17 +88,18 @@ def score_mod(problem: Problem, extras: Extras, raw, idx: Index):
 
 
 def scores(problem: Problem, extras: Extras, raw, idx: Index, dense_tile=None,
-           structured: bool = True):
+           structured: bool = True, gathered: bool = False):
     """Scaled scores ``raw`` (acc dtype) -> the scores the softmax sees: ``score_mod``, then
     ``-inf`` where the mask hides the key. A bool ``dense_tile`` selects, a float one is added.
-    ``structured=False`` skips the structured mask (tiles it shows completely)."""
+    ``structured=False`` skips the structured mask (tiles it shows completely); ``gathered``:
+    see ``visible``."""
     s = score_mod(problem, extras, raw, idx)
     if dense_tile is not None:
         if problem.mask_is_bool:
             s = jnp.where(dense_tile, s, -jnp.inf)
         else:
             s = s + dense_tile.astype(s.dtype)
-    keep = visible(problem, extras, idx) if structured else None
+    keep = visible(problem, extras, idx, gathered) if structured else None
     return s if keep is None else jnp.where(keep, s, -jnp.inf)
 
 

@@ -1,5 +1,5 @@
-"""What the Pallas kernels share: interpret mode, per-platform dispatch, the GPU generation, and
-which key/query blocks a causal mask shows partly or completely.
+"""What the Pallas kernels share: interpret mode, per-platform dispatch, the GPU generation, the
+operands they read, and which blocks each block visits (``blocks.classify`` as lists).
 
 Interpret mode: with ``TRANSFORMAX_PALLAS_INTERPRET=1`` the Pallas kernels also run on cpu, in
 Pallas interpret mode (slow; for tests and debugging), and become eligible there, after the
@@ -8,6 +8,7 @@ cpu kernels: select them with ``tfx.sdpa_kernel``. cuda/tpu lowerings are unaffe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -15,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformax.attention.problem import Problem, cdiv
+from transformax.attention import blocks, tile_math
+from transformax.attention.backends import xla_flash
+from transformax.attention.problem import Extras, Problem
 
 INTERPRET_ENV = "TRANSFORMAX_PALLAS_INTERPRET"
 NT = (((1,), (1,)), ((), ()))  # dot_general dimension numbers of a @ b.T
@@ -58,51 +61,68 @@ def cuda_capability() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def kernel_operands(problem: Problem, extras: Extras) -> list:
+    """The ``extras`` a Pallas kernel reads, flat (``split_refs`` order): a bool mask as int8;
+    not the block table (it only drives ``visits``)."""
+    mask = extras.mask
+    if mask is not None and problem.mask_is_bool:
+        mask = mask.astype(jnp.int8)
+    return extras._replace(mask=mask, table=None).flat()
+
+
 def split_refs(problem: Problem, refs):
-    """Kernel refs -> ``(q, k, v, mask, seed, rest)``; mask and seed are None where unused."""
+    """Kernel refs (q, k, v, ``kernel_operands``, the rest) -> ``(q, k, v, extras, rest)`` with
+    ``extras`` an ``Extras`` of refs."""
     q_ref, k_ref, v_ref, *rest = refs
-    mask_ref = rest.pop(0) if problem.has_mask else None
-    seed_ref = rest.pop(0) if problem.has_dropout else None
-    return q_ref, k_ref, v_ref, mask_ref, seed_ref, rest
+    extras, rest = Extras.unflat(dataclasses.replace(problem, table_blocks=None), rest)
+    return q_ref, k_ref, v_ref, extras, rest
 
 
-def _floor_div(x, d: int):
-    """``floor(x / d)`` for ``x >= 0``, and 0 for ``x < 0`` (truncating division only: ``//``
-    lowers through ``sign``, which Mosaic cannot lower without a TPU attached)."""
-    return lax.div(jnp.maximum(x, 0), jnp.int32(d))
+@dataclasses.dataclass(frozen=True)
+class Visits:
+    """Which blocks of the other kind each block visits (key blocks per query block, or with
+    ``transpose`` query blocks per key block), per batch and query head of the classification
+    (``batches``, ``heads``: 1 where it is the same for all): ``n_full`` FULL ones (no masking
+    work) first, then PARTIAL ones (masked) up to ``n_visible``; EMPTY ones never. Three flat
+    int32 operands (scalar-prefetch friendly), ``width`` order entries per block."""
+
+    batches: int
+    heads: int
+    n_blocks: int
+    width: int
+
+    def row(self, b, h, n):
+        """The flat row of block ``n`` of (batch ``b``, query head ``h``)."""
+        b = b if self.batches > 1 else 0
+        h = h if self.heads > 1 else 0
+        return (b * self.heads + h) * self.n_blocks + n
+
+    def read(self, refs, b, h, n):
+        """``(n_full, n_visible, row)`` of block ``n``; its i-th visit is
+        ``order[row * width + i]``."""
+        n_full, n_visible, _ = refs
+        row = self.row(b, h, n)
+        return n_full[row], n_visible[row], row
 
 
-def key_blocks(problem: Problem, i, block_q: int, block_k: int):
-    """For query block ``i``: ``(n_full, n_visible)``. Key blocks ``[0, n_full)`` need no causal
-    or bounds masking, ``[n_full, n_visible)`` need it, the rest are hidden. ``i`` may be traced;
-    without a causal mask the result is static."""
-    nk = cdiv(problem.kv_len, block_k)
-    whole = problem.kv_len // block_k  # the ragged last block needs bounds masking
-    offset = problem.causal_offset
-    if offset is None:
-        return whole, nk
-    if whole == 0:  # one ragged block: nothing is complete (and nothing to trace for it)
-        return 0, 1
-    last = jnp.minimum((i + 1) * block_q, problem.q_len) - 1 + offset
-    visible = jnp.minimum(jnp.where(last >= 0, _floor_div(last, block_k) + 1, 0), nk)
-    full = jnp.minimum(jnp.minimum(_floor_div(i * block_q + offset + 1, block_k), whole), visible)
-    return full, visible
+def visits(problem: Problem, extras: Extras, block_q: int, block_k: int,
+           transpose: bool = False) -> tuple[Visits, tuple]:
+    """``blocks.classify`` as visit lists: ``(Visits, (n_full, n_visible, order))``."""
+    classes = jnp.asarray(blocks.classify(problem, extras, block_q, block_k))
+    if transpose:
+        classes = jnp.swapaxes(classes, 2, 3)
+    rank = jnp.where(classes == blocks.FULL, 0, jnp.where(classes == blocks.PARTIAL, 1, 2))
+    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    n_full = jnp.sum(classes == blocks.FULL, axis=-1, dtype=jnp.int32)
+    n_visible = jnp.sum(classes != blocks.EMPTY, axis=-1, dtype=jnp.int32)
+    return Visits(*classes.shape), (n_full.reshape(-1), n_visible.reshape(-1), order.reshape(-1))
 
 
-def query_blocks(problem: Problem, j, block_q: int, block_k: int):
-    """For key block ``j``: ``(first, first_full)``. Query blocks ``[first, first_full)`` see it
-    partly (causal or bounds masking), ``[first_full, nq)`` see it completely, earlier ones not
-    at all. ``j`` may be traced."""
-    nq = cdiv(problem.q_len, block_q)
-    ragged = problem.kv_len % block_k != 0
-    offset = problem.causal_offset
-    if offset is None:
-        first, first_full = 0, 0
-    else:
-        first = jnp.minimum(_floor_div(j * block_k - offset, block_q), nq)
-        first_full = jnp.clip(_floor_div((j + 1) * block_k - 1 - offset + block_q - 1, block_q),
-                              first, nq)
-    if ragged:  # the ragged last key block needs bounds masking in every query block
-        last = j == cdiv(problem.kv_len, block_k) - 1
-        first_full = lax.select(last, jnp.int32(nq), jnp.asarray(first_full, jnp.int32))
-    return first, first_full
+def score_consts_gradients(problem: Problem, q, k, v, extras: Extras, out, lse, dout,
+                           dlse) -> tuple:
+    """The gradients of the score_mod's floating captured arrays, from a separate blockwise
+    plain-JAX pass (``xla_flash.backward``; its dq/dk/dv go unused): accumulating them in a
+    Pallas kernel would need the scatters that indexing them transposes to."""
+    if not tile_math.differentiable_consts(problem, extras):
+        return ()
+    return xla_flash.backward(problem, q, k, v, extras, out, lse, dout, dlse)[3]

@@ -39,7 +39,8 @@ _DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
 _PARALLEL, _ARBITRARY = pltpu.PARALLEL, pltpu.ARBITRARY
 
 NAME = "pallas_tpu"
-FEATURES = frozenset({"dense mask", "dropout"})
+FEATURES = frozenset({"dense mask", "dropout", "key intervals", "segment ids", "mask_mod",
+                      "score_mod"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,37 +76,53 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
 
 
 class _Tile:
-    """The score/dropout math of one (query block, key block) tile, shared by the kernels."""
+    """The score/dropout math of one (query block, key block) tile through ``tile_math``,
+    shared by the kernels. ``extras``: refs of this tile's blocks of the structured mask's
+    operands (lo, hi, q_ids ``(bq, 1)``; kv_ids ``(1, bk)``), the dense mask's tile, and the
+    whole captured arrays."""
 
-    def __init__(self, p: Problem, mask_ref, seed_ref, batch_head, row0, col0, shape):
-        self.p, self.mask_ref, self.batch_head = p, mask_ref, batch_head
-        self.seed = None if seed_ref is None else (seed_ref[0], seed_ref[1])
-        self.rows = row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
-        self.cols = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    def __init__(self, p: Problem, extras: Extras, b, h, row0, col0, shape):
+        self.p = p
+        self.seed = None if extras.seed is None else (extras.seed[0], extras.seed[1])
+        self.idx = Index(b, h, row0 + lax.broadcasted_iota(jnp.int32, shape, 0),
+                         col0 + lax.broadcasted_iota(jnp.int32, shape, 1))
+        self.extras = extras
+        self.consts = Extras(score_consts=tuple(r[...] for r in extras.score_consts))
 
-    def scores(self, q, k, edge: bool):
-        """f32 ``scale * q k^T (+ mask)``, masked; ``edge`` tiles also get the causal and
-        sequence-end masks."""
-        p = self.p
+    def raw(self, q, k):
+        """f32 ``scale * q k^T``: natural-log units, what score_mod sees."""
         s = lax.dot_general(q, k, pc.NT, preferred_element_type=jnp.float32)
-        s = s * jnp.float32(p.scale)
+        return s * jnp.float32(self.p.scale)
+
+    def scores(self, raw, masked: bool):
+        """The scores the softmax sees: score_mod, and for ``masked`` (PARTIAL) tiles every
+        mask and the sequence end."""
+        p, e, idx = self.p, self.extras, self.idx
+        if not masked:
+            return tile_math.score_mod(p, self.consts, raw, idx)
         tile = None
-        if self.mask_ref is not None:
-            tile = self.mask_ref[...]
+        if e.mask is not None:
+            tile = e.mask[...]
             tile = tile.astype(jnp.int32) != 0 if p.mask_is_bool else tile.astype(jnp.float32)
-        if edge or tile is not None:
-            dense_only = dataclasses.replace(p, causal_offset=None)
-            s = tile_math.scores(p if edge else dense_only, Extras(), s,
-                                 Index(0, 0, self.rows, self.cols), tile)
-        if edge and p.kv_len % k.shape[0]:
-            s = jnp.where(self.cols < p.kv_len, s, -jnp.inf)
+        tile_extras = self.consts._replace(
+            bounds=tuple(r[...] for r in e.bounds), segments=tuple(r[...] for r in e.segments),
+            mask_consts=tuple(r[...] for r in e.mask_consts))
+        s = tile_math.scores(p, tile_extras, raw, idx, tile, gathered=True)
+        if p.kv_len % raw.shape[1]:
+            s = jnp.where(idx.kv < p.kv_len, s, -jnp.inf)
         return s
+
+    def vjp(self, raw, ds):
+        """The gradient of the raw scores from that of the modified ones."""
+        return tile_math.score_mod_vjp(self.p, self.consts, raw, self.idx, ds)[0]
 
     def keep(self):
         """The dropout keep-mask (None without dropout)."""
         if self.seed is None:
             return None
-        return dropout_keep(self.seed, self.p.dropout_p, self.batch_head, self.rows, self.cols)
+        idx = self.idx
+        return dropout_keep(self.seed, self.p.dropout_p, idx.b * self.p.q_heads + idx.h, idx.q,
+                            idx.kv)
 
 
 def _zero_rows(x, row0, length: int):
@@ -115,32 +132,41 @@ def _zero_rows(x, row0, length: int):
     return jnp.where(rows < length, x, jnp.zeros((), x.dtype))
 
 
-def _when_visible(n_full, n_visible, j, compute):
-    """Runs ``compute(edge)`` for key block ``j``: without causal masking below ``n_full``, with
-    it below ``n_visible``, not at all beyond."""
-    if not (isinstance(n_full, int) and n_full == 0):
-        pl.when(j < n_full)(functools.partial(compute, False))
-    if not (isinstance(n_full, int) and n_full == n_visible):
-        pl.when((j >= n_full) & (j < n_visible))(functools.partial(compute, True))
+def _visit(vis: pc.Visits, lists, b, h, n, step, compute):
+    """Runs ``compute(other_block, masked)`` at grid step ``step`` of block ``n`` of (b, h):
+    its FULL visits unmasked, then its PARTIAL ones masked, nothing past them."""
+    n_full, n_visible, row = vis.read(lists, b, h, n)
+    other = lists[2][row * vis.width + jnp.minimum(step, vis.width - 1)]
+    pl.when(step < n_full)(lambda: compute(other, False))
+    pl.when((step >= n_full) & (step < n_visible))(lambda: compute(other, True))
 
 
-def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
+def _fetched(vis: pc.Visits, lists, b, h, n, step):
+    """The block fetched at grid step ``step`` of block ``n``: past its last visit it stays
+    there, so skipped blocks cost no copy."""
+    _, n_visible, row = vis.read(lists, b, h, n)
+    last = jnp.maximum(n_visible - 1, 0)
+    return lists[2][row * vis.width + jnp.minimum(step, last)]
+
+
+def _fwd_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    lists, refs = refs[:3], refs[3:]
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
     o_ref, lse_ref, max_ref, total_ref, acc_ref = rest
-    b, h, i, j = (pl.program_id(n) for n in range(4))
+    b, h, i, n = (pl.program_id(x) for x in range(4))
 
-    @pl.when(j == 0)
+    @pl.when(n == 0)
     def _init():
         max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
         total_ref[...] = jnp.zeros(total_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def compute(edge: bool):
-        t = _Tile(p, mask_ref, seed_ref, b * p.q_heads + h, i * bq, j * bk, (bq, bk))
+    def compute(j, masked: bool):
+        t = _Tile(p, extras, b, h, i * bq, j * bk, (bq, bk))
         v = v_ref[...]
-        if edge and p.kv_len % bk:
+        if masked and p.kv_len % bk:
             v = _zero_rows(v, j * bk, p.kv_len)
-        s = t.scores(q_ref[...], k_ref[...], edge)
+        s = t.scores(t.raw(q_ref[...], k_ref[...]), masked)
         row_max = max_ref[...]
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
         safe_max = finite_or_zero(new_max)
@@ -154,9 +180,9 @@ def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
         acc_ref[...] = acc_ref[...] * correction + pv
         max_ref[...] = new_max
 
-    _when_visible(*pc.key_blocks(p, i, bq, bk), j, compute)
+    _visit(vis, lists, b, h, i, n, compute)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(n == pl.num_programs(3) - 1)
     def _finish():
         total = total_ref[...]
         visible = total > 0
@@ -169,55 +195,58 @@ def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
                                  -jnp.inf)
 
 
-def _dq_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
+def _dq_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    lists, refs = refs[:3], refs[3:]
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
     do_ref, lse_ref, delta_ref, dq_ref, acc_ref = rest
-    b, h, i, j = (pl.program_id(n) for n in range(4))
+    b, h, i, n = (pl.program_id(x) for x in range(4))
 
-    @pl.when(j == 0)
+    @pl.when(n == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def compute(edge: bool):
-        t = _Tile(p, mask_ref, seed_ref, b * p.q_heads + h, i * bq, j * bk, (bq, bk))
+    def compute(j, masked: bool):
+        t = _Tile(p, extras, b, h, i * bq, j * bk, (bq, bk))
         k, v = k_ref[...], v_ref[...]
-        if edge and p.kv_len % bk:
+        if masked and p.kv_len % bk:
             k, v = _zero_rows(k, j * bk, p.kv_len), _zero_rows(v, j * bk, p.kv_len)
-        probs = jnp.exp(t.scores(q_ref[...], k, edge) - finite_or_zero(lse_ref[...]))
+        raw = t.raw(q_ref[...], k)
+        probs = jnp.exp(t.scores(raw, masked) - finite_or_zero(lse_ref[...]))
         dp = lax.dot_general(do_ref[...], v, pc.NT, preferred_element_type=jnp.float32)
         keep = t.keep()
         if keep is not None:
             dp = jnp.where(keep, dp * (1.0 / (1.0 - p.dropout_p)), 0.0)
-        ds = probs * (dp - delta_ref[...])
+        ds = t.vjp(raw, probs * (dp - delta_ref[...]))
         acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    _when_visible(*pc.key_blocks(p, i, bq, bk), j, compute)
+    _visit(vis, lists, b, h, i, n, compute)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(n == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * jnp.float32(p.scale)).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
+def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    lists, refs = refs[:3], refs[3:]
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
     do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = rest
-    b, hk, j, g, i = (pl.program_id(n) for n in range(5))
-    first, first_full = pc.query_blocks(p, j, bq, bk)
+    b, hk, j, g, n = (pl.program_id(x) for x in range(5))
+    h = hk * p.groups + g
 
-    @pl.when((g == 0) & (i == 0))
+    @pl.when((g == 0) & (n == 0))
     def _init():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    def compute(edge: bool):
-        t = _Tile(p, mask_ref, seed_ref, b * p.q_heads + hk * p.groups + g, i * bq, j * bk,
-                  (bq, bk))
+    def compute(i, masked: bool):
+        t = _Tile(p, extras, b, h, i * bq, j * bk, (bq, bk))
         q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
         if p.q_len % bq:
             q, do, lse, delta = (_zero_rows(x, i * bq, p.q_len) for x in (q, do, lse, delta))
-        probs = jnp.exp(t.scores(q, k_ref[...], edge) - finite_or_zero(lse))
+        raw = t.raw(q, k_ref[...])
+        probs = jnp.exp(t.scores(raw, masked) - finite_or_zero(lse))
         if p.q_len % bq:  # rows past the end: their mask tile rows are unspecified (NaN)
-            probs = jnp.where(t.rows < p.q_len, probs, 0.0)
+            probs = jnp.where(t.idx.q < p.q_len, probs, 0.0)
         dp = lax.dot_general(do, v_ref[...], pc.NT, preferred_element_type=jnp.float32)
         keep = t.keep()
         dropped = probs
@@ -228,158 +257,143 @@ def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
         # p^T @ dO as an explicit transpose and a plain matmul, the form Mosaic is known to
         # compile (jax's own TPU flash attention does the same).
         dv_acc[...] += jnp.dot(dropped.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        ds = probs * (dp - delta)
+        ds = t.vjp(raw, probs * (dp - delta))
         dk_acc[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
-    pl.when((i >= first) & (i < first_full))(functools.partial(compute, True))
-    pl.when(i >= first_full)(functools.partial(compute, False))
+    _visit(vis, lists, b, h, j, n, compute)
 
-    @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
+    @pl.when((g == pl.num_programs(3) - 1) & (n == pl.num_programs(4) - 1))
     def _finish():
         dk_ref[...] = (dk_acc[...] * jnp.float32(p.scale)).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _mask_spec(p: Problem, bq: int, bk: int, index):
-    """The dense mask's tile; ``index(grid) -> (b, q head, q block, k block)``."""
-    bm, hm, lm, sm = p.mask_shape
+def _specs(p: Problem, bq: int, bk: int, where):
+    """Specs of the inputs (q, k, v, ``_kernel_operands``) and of q-side / kv-side / per-row
+    blocks, for a grid where ``where(*grid, *lists) -> (b, query head, q block, k block)``."""
     sq = pl.squeezed
 
-    def mask_index(*grid):
-        b, h, i, j = index(*grid)
-        return (b if bm > 1 else 0, h if hm > 1 else 0, i if lm > 1 else 0, j if sm > 1 else 0)
-    return pl.BlockSpec((sq, sq, bq if lm > 1 else 1, bk if sm > 1 else 1), mask_index)
+    def spec(shape, index):
+        return pl.BlockSpec(shape, lambda *args: index(*where(*args)))
+
+    def q_side(width):
+        return spec((sq, sq, bq, width), lambda b, h, i, j: (b, h, i, 0))
+
+    def kv_side(width):
+        return spec((sq, sq, bk, width), lambda b, h, i, j: (b, lax.div(h, p.groups), j, 0))
+
+    rows = q_side(1)
+    per_row = spec((sq, bq, 1), lambda b, h, i, j: (b if p.bounds > 1 else 0, i, 0)) \
+        if p.bounds else None
+    seg_rows, seg_cols = (
+        spec((sq, bq, 1), lambda b, h, i, j: (b if p.segments > 1 else 0, i, 0)),
+        spec((sq, 1, bk), lambda b, h, i, j: (b if p.segments > 1 else 0, 0, j))) \
+        if p.segments else (None, None)
+    whole = pl.BlockSpec(memory_space=pltpu.VMEM)
+    mask = None
+    if p.has_mask:
+        bm, hm, lm, sm = p.mask_shape
+        mask = spec((sq, sq, bq if lm > 1 else 1, bk if sm > 1 else 1),
+                    lambda b, h, i, j: (b if bm > 1 else 0, h if hm > 1 else 0,
+                                        i if lm > 1 else 0, j if sm > 1 else 0))
+    extras = Extras(
+        mask, pl.BlockSpec(memory_space=pltpu.SMEM) if p.has_dropout else None,
+        (per_row, per_row) if p.bounds else (), (seg_rows, seg_cols) if p.segments else (),
+        None, (whole,) * (p.mask_fn.n_consts if p.mask_fn else 0),
+        (whole,) * (p.score_fn.n_consts if p.score_fn else 0))
+    inputs = [q_side(p.head_dim), kv_side(p.head_dim), kv_side(p.v_head_dim), *extras.flat()]
+    return inputs, q_side, kv_side, rows
 
 
-def _inputs(p: Problem, q, k, v, mask, seed, q_spec, kv_spec, mask_spec):
-    specs, operands = [q_spec, *kv_spec], [q, k, v]
-    if mask is not None:
-        specs.append(mask_spec)
-        operands.append(mask.astype(jnp.int8) if p.mask_is_bool else mask)
-    if seed is not None:
-        specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
-        operands.append(seed)
-    return specs, operands
+def _kernel_operands(p: Problem, extras: Extras) -> list:
+    """``pc.kernel_operands`` with the per-row arrays as ``(Bm, L, 1)`` and the per-key ones as
+    ``(Bm, 1, S)`` (TPU blocks tile the last two dims)."""
+    bounds = tuple(x[..., None] for x in extras.bounds)
+    segments = () if not extras.segments else (extras.segments[0][..., None],
+                                               extras.segments[1][:, None])
+    return pc.kernel_operands(p, extras._replace(bounds=bounds, segments=segments))
 
 
-def _pallas(kernel, grid, semantics, interpret, name, **kwargs):
+def _pallas(kernel, grid, semantics, interpret, name, in_specs, out_specs, scratch_shapes,
+            **kwargs):
     return pl.pallas_call(
-        kernel, grid=grid, name=name,
+        kernel, name=name,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes),
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=interpret, **kwargs)
 
 
-def _kv_block(p: Problem, bq: int, bk: int):
-    """Index of the key block to fetch at step ``j`` of query block ``i``: past the last visible
-    block it stays there, so hidden blocks cost no copy."""
-    def index(i, j):
-        if p.causal_offset is None:
-            return j
-        _, n_visible = pc.key_blocks(p, i, bq, bk)
-        return jnp.minimum(j, jnp.maximum(n_visible - 1, 0))
-    return index
+def _row_major(p: Problem, vis: pc.Visits):
+    """``where`` of the grid ``(b, h, i, n)``: step n of query block i."""
+    def where(b, h, i, n, *lists):
+        return b, h, i, _fetched(vis, lists, b, h, i, n)
+    return where
 
 
-def _row_major_specs(p: Problem, bq: int, bk: int):
-    """q-side, k/v, per-row and mask specs over the grid ``(b, h, i, j)``."""
-    sq = pl.squeezed
-    kv_block = _kv_block(p, bq, bk)
-    q_index = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
-    kv_index = lambda b, h, i, j: (b, lax.div(h, p.groups), kv_block(i, j), 0)  # noqa: E731
-
-    def q_side(width):
-        return pl.BlockSpec((sq, sq, bq, width), q_index)
-
-    def kv_side(width):
-        return pl.BlockSpec((sq, sq, bk, width), kv_index)
-
-    rows = pl.BlockSpec((sq, sq, bq, 1), q_index)
-    mask = _mask_spec(p, bq, bk, lambda b, h, i, j: (b, h, i, kv_block(i, j))) \
-        if p.has_mask else None
-    return q_side, kv_side, rows, mask
+_ROW_MAJOR = (_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)
 
 
-def _forward_call(p: Problem, cfg: Config, *, interpret):
+def _forward_call(p: Problem, cfg: Config, vis: pc.Visits, *, interpret):
     bq, bk = cfg.block_q, cfg.block_k
-    q_side, kv_side, rows, mask_spec = _row_major_specs(p, bq, bk)
+    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(p, vis))
 
-    def run(q, k, v, mask, seed):
-        specs, operands = _inputs(p, q, k, v, mask, seed, q_side(p.head_dim),
-                                  (kv_side(p.head_dim), kv_side(p.v_head_dim)), mask_spec)
+    def run(q, k, v, extras, lists):
         out_rows = (p.batch, p.q_heads, p.q_len)
         out, lse = _pallas(
-            functools.partial(_fwd_kernel, p=p, bq=bq, bk=bk),
-            (p.batch, p.q_heads, cdiv(p.q_len, bq), cdiv(p.kv_len, bk)),
-            (_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY), interpret, "transformax_flash_fwd",
-            in_specs=specs, out_specs=[q_side(p.v_head_dim), rows],
+            functools.partial(_fwd_kernel, p=p, bq=bq, bk=bk, vis=vis),
+            (p.batch, p.q_heads, cdiv(p.q_len, bq), vis.width), _ROW_MAJOR, interpret,
+            "transformax_flash_fwd", inputs, [q_side(p.v_head_dim), rows],
+            [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+             pltpu.VMEM((bq, p.v_head_dim), jnp.float32)],
             out_shape=[jax.ShapeDtypeStruct((*out_rows, p.v_head_dim), q.dtype),
                        jax.ShapeDtypeStruct((*out_rows, 1), jnp.float32)],
-            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, p.v_head_dim), jnp.float32)],
-        )(*operands)
+        )(*lists, q, k, v, *_kernel_operands(p, extras))
         return out, lse[..., 0]
     return run
 
 
-def _dq_call(p: Problem, cfg: Config, interpret, q, k, v, mask, seed, dout, lse, delta):
+def _dq_call(p: Problem, cfg: Config, vis: pc.Visits, interpret, q, k, v, extras, lists, dout,
+             lse, delta):
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-    q_side, kv_side, rows, mask_spec = _row_major_specs(p, bq, bk)
-    specs, operands = _inputs(p, q, k, v, mask, seed, q_side(p.head_dim),
-                              (kv_side(p.head_dim), kv_side(p.v_head_dim)), mask_spec)
+    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(p, vis))
     return _pallas(
-        functools.partial(_dq_kernel, p=p, bq=bq, bk=bk),
-        (p.batch, p.q_heads, cdiv(p.q_len, bq), cdiv(p.kv_len, bk)),
-        (_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY), interpret, "transformax_flash_dq",
-        in_specs=[*specs, q_side(p.v_head_dim), rows, rows], out_specs=q_side(p.head_dim),
+        functools.partial(_dq_kernel, p=p, bq=bq, bk=bk, vis=vis),
+        (p.batch, p.q_heads, cdiv(p.q_len, bq), vis.width), _ROW_MAJOR, interpret,
+        "transformax_flash_dq", [*inputs, q_side(p.v_head_dim), rows, rows], q_side(p.head_dim),
+        [pltpu.VMEM((bq, p.head_dim), jnp.float32)],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, p.head_dim), jnp.float32)],
-    )(*operands, dout, lse, delta)
+    )(*lists, q, k, v, *_kernel_operands(p, extras), dout, lse, delta)
 
 
-def _dkdv_call(p: Problem, cfg: Config, interpret, q, k, v, mask, seed, dout, lse, delta):
+def _dkdv_call(p: Problem, cfg: Config, vis: pc.Visits, interpret, q, k, v, extras, lists, dout,
+               lse, delta):
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-    sq, nq = pl.squeezed, cdiv(p.q_len, bq)
 
-    def q_block(j, i):  # query blocks before the first that sees key block j are not fetched
-        if p.causal_offset is None:
-            return i
-        first, _ = pc.query_blocks(p, j, bq, bk)
-        return jnp.minimum(jnp.maximum(i, first), nq - 1)
+    def where(b, hk, j, g, n, *lists):  # step n of key block j, for query head hk·G + g
+        h = hk * p.groups + g
+        return b, h, _fetched(vis, lists, b, h, j, n), j
 
-    q_index = lambda b, hk, j, g, i: (b, hk * p.groups + g, q_block(j, i), 0)  # noqa: E731
-    kv_index = lambda b, hk, j, g, i: (b, hk, j, 0)  # noqa: E731
-
-    def q_side(width):
-        return pl.BlockSpec((sq, sq, bq, width), q_index)
-
-    def kv_side(width):
-        return pl.BlockSpec((sq, sq, bk, width), kv_index)
-
-    rows = pl.BlockSpec((sq, sq, bq, 1), q_index)
-    mask_spec = _mask_spec(p, bq, bk, lambda b, hk, j, g, i: (b, hk * p.groups + g,
-                                                             q_block(j, i), j)) \
-        if p.has_mask else None
-    specs, operands = _inputs(p, q, k, v, mask, seed, q_side(p.head_dim),
-                              (kv_side(p.head_dim), kv_side(p.v_head_dim)), mask_spec)
+    inputs, q_side, kv_side, rows = _specs(p, bq, bk, where)
     return _pallas(
-        functools.partial(_dkdv_kernel, p=p, bq=bq, bk=bk),
-        (p.batch, p.kv_heads, cdiv(p.kv_len, bk), p.groups, nq),
+        functools.partial(_dkdv_kernel, p=p, bq=bq, bk=bk, vis=vis),
+        (p.batch, p.kv_heads, cdiv(p.kv_len, bk), p.groups, vis.width),
         (_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY, _ARBITRARY), interpret,
-        "transformax_flash_dkdv",
-        in_specs=[*specs, q_side(p.v_head_dim), rows, rows],
-        out_specs=[kv_side(p.head_dim), kv_side(p.v_head_dim)],
+        "transformax_flash_dkdv", [*inputs, q_side(p.v_head_dim), rows, rows],
+        [kv_side(p.head_dim), kv_side(p.v_head_dim)],
+        [pltpu.VMEM((bk, p.head_dim), jnp.float32), pltpu.VMEM((bk, p.v_head_dim), jnp.float32)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, p.head_dim), jnp.float32),
-                        pltpu.VMEM((bk, p.v_head_dim), jnp.float32)],
-    )(*operands, dout, lse, delta)
+    )(*lists, q, k, v, *_kernel_operands(p, extras), dout, lse, delta)
 
 
-def _backward_call(p: Problem, cfg: Config, *, interpret):
-    def run(q, k, v, mask, seed, out, lse, dout, dlse):
+def _backward_call(p: Problem, cfg: Config, vis_dq: pc.Visits, vis_dkdv: pc.Visits, *,
+                   interpret):
+    def run(q, k, v, extras, lists_dq, lists_dkdv, out, lse, dout, dlse):
         delta = row_delta(out, dout, dlse)
-        args = (q, k, v, mask, seed, dout, lse[..., None], delta[..., None])
-        dq = _dq_call(p, cfg, interpret, *args)
-        dk, dv = _dkdv_call(p, cfg, interpret, *args)
+        rows = (dout, lse[..., None], delta[..., None])
+        dq = _dq_call(p, cfg, vis_dq, interpret, q, k, v, extras, lists_dq, *rows)
+        dk, dv = _dkdv_call(p, cfg, vis_dkdv, interpret, q, k, v, extras, lists_dkdv, *rows)
         return dq, dk, dv
     return run
 
@@ -388,13 +402,22 @@ def forward(problem: Problem, q, k, v, extras: Extras, config: Config | None = N
             interpret=None):
     """``config`` defaults to ``default_config(problem)``; ``interpret`` to per-platform (see
     ``pallas_common.per_platform``)."""
-    build = functools.partial(_forward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, extras.mask, extras.seed, interpret=interpret))
+    cfg = config or default_config(problem)
+    vis, lists = pc.visits(problem, extras, cfg.block_q, cfg.block_k)
+    build = functools.partial(_forward_call, problem, cfg, vis)
+    return tuple(pc.per_platform(build, q, k, v, extras, lists, interpret=interpret))
 
 
 def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse,
              config: Config | None = None, interpret=None):
-    build = functools.partial(_backward_call, problem, config or default_config(problem))
-    dq, dk, dv = pc.per_platform(build, q, k, v, extras.mask, extras.seed, out, lse, dout, dlse,
-                                 interpret=interpret)
-    return dq, dk, dv, ()
+    """The score_mod's captured arrays get their gradients from a separate blockwise plain-JAX
+    pass (``xla_flash.backward``, whose dq/dk/dv go unused): accumulating them in the kernels
+    would need scatters Mosaic cannot lower."""
+    cfg = config or default_config(problem)
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    vis_dq, lists_dq = pc.visits(problem, extras, bq, bk)
+    vis_dkdv, lists_dkdv = pc.visits(problem, extras, bq, bk, transpose=True)
+    build = functools.partial(_backward_call, problem, cfg, vis_dq, vis_dkdv)
+    dq, dk, dv = pc.per_platform(build, q, k, v, extras, lists_dq, lists_dkdv, out, lse, dout,
+                                 dlse, interpret=interpret)
+    return dq, dk, dv, pc.score_consts_gradients(problem, q, k, v, extras, out, lse, dout, dlse)

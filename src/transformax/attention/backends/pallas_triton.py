@@ -48,7 +48,8 @@ _TN = (((0,), (0,)), ((), ()))  # dot_general dimension numbers of a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 NAME = "pallas_triton"
-FEATURES = frozenset({"dense mask", "dropout"})
+FEATURES = frozenset({"dense mask", "dropout", "key intervals", "segment ids", "mask_mod",
+                      "score_mod"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _load_rows(ref, lead: tuple, start, size: int, length: int, check_rows: bool
     index = (*lead, pl.ds(start, size))
     if not check_rows:
         return ref[index]
-    return plgpu.load(ref.at[index], mask=start + jnp.arange(size) < length, other=0.0)
+    return plgpu.load(ref.at[index], mask=start + jnp.arange(size) < length, other=0)
 
 
 def _store_rows(ref, value, start, length: int, check_rows: bool):
@@ -205,55 +206,84 @@ def _store_rows(ref, value, start, length: int, check_rows: bool):
 
 
 class _Scores:
-    """Scores and dropout of tiles of one (batch, query head), shared by the three kernels."""
+    """The tiles of one (batch, query head): scores through ``tile_math`` and dropout, shared by
+    the three kernels."""
 
-    def __init__(self, problem: Problem, mask_ref, seed_ref, batch_head):
-        self.p = problem
-        self.dense_only = dataclasses.replace(problem, causal_offset=None)
-        self.mask_ref = mask_ref
-        self.seed = None if seed_ref is None else (seed_ref[0], seed_ref[1])
-        self.batch_head = batch_head
+    def __init__(self, problem: Problem, extras: Extras, b, h, mask_head=0):
+        self.p, self.extras, self.b, self.h = problem, extras, b, h
+        self.mask_head = jnp.int32(mask_head) if isinstance(mask_head, int) else mask_head
+        self.seed = None if extras.seed is None else (extras.seed[0], extras.seed[1])
+        # The score_mod's captured arrays, loaded whole (their indexing needs gathers, which
+        # lower only in interpret mode; functions of the indices alone compile anywhere).
+        self.consts = Extras(score_consts=tuple(r[...] for r in extras.score_consts))
 
-    def __call__(self, q, k, row0, col0, mask_head, edge: bool):
-        """Base-2 scores ``log2(e) * (scale * q k^T + mask)`` of the tile at ``(row0, col0)``,
-        masked; ``edge`` tiles also get the causal and sequence-end masks."""
+    def raw(self, q, k):
+        """``scale * q k^T`` in f32: natural-log units, what score_mod sees."""
+        return _dot(q, k, pc.NT) * jnp.float32(self.p.scale)
+
+    def index(self, row0, col0, size_q: int, size_k: int) -> Index:
+        rows, cols = _coords(row0, col0, size_q, size_k)
+        return Index(self.b, self.h, rows, cols)
+
+    def __call__(self, raw, row0, col0, masked: bool):
+        """Base-2 scores (``log2(e)`` times those the softmax sees) of the tile at
+        ``(row0, col0)``: score_mod, and for ``masked`` (PARTIAL) tiles every mask."""
         p = self.p
-        rows, cols = _coords(row0, col0, q.shape[0], k.shape[0])
-        s = _dot(q, k, pc.NT)
-        s = s * jnp.float32(p.scale * LOG2E)
-        tile = None
-        if self.mask_ref is not None:
-            tile = self._mask_tile(mask_head, row0, col0, rows, cols, edge)
-        if edge or tile is not None:
-            s = tile_math.scores(p if edge else self.dense_only, Extras(), s,
-                                 Index(0, 0, rows, cols), tile)
-        if edge and p.kv_len % k.shape[0]:
-            s = jnp.where(cols < p.kv_len, s, -jnp.inf)
-        return s
+        size_q, size_k = raw.shape
+        idx = self.index(row0, col0, size_q, size_k)
+        if not masked:
+            return tile_math.score_mod(p, self.consts, raw, idx) * jnp.float32(LOG2E)
+        s = tile_math.scores(p, self._tile_extras(row0, col0, size_q, size_k), raw, idx,
+                             self._mask_tile(row0, col0, idx), gathered=True)
+        if p.kv_len % size_k:
+            s = jnp.where(idx.kv < p.kv_len, s, -jnp.inf)
+        return s * jnp.float32(LOG2E)
 
-    def _mask_tile(self, head, row0, col0, rows, cols, edge: bool):
-        p, ref = self.p, self.mask_ref
+    def vjp(self, raw, row0, col0, ds):
+        """The gradient of the raw scores from that of the modified ones."""
+        idx = self.index(row0, col0, *raw.shape)
+        return tile_math.score_mod_vjp(self.p, self.consts, raw, idx, ds)[0]
+
+    def _tile_extras(self, row0, col0, size_q: int, size_k: int) -> Extras:
+        """The structured mask's operands of the tile: per-row and per-column values."""
+        p, e = self.p, self.extras
+
+        def rows(ref):
+            b = self.b if ref.shape[0] > 1 else jnp.int32(0)
+            return _load_rows(ref, (b,), row0, size_q, p.q_len, True)[:, None]
+
+        def cols(ref):
+            b = self.b if ref.shape[0] > 1 else jnp.int32(0)
+            return _load_rows(ref, (b,), col0, size_k, p.kv_len, True)[None, :]
+
+        segments = () if not e.segments else (rows(e.segments[0]), cols(e.segments[1]))
+        return self.consts._replace(bounds=tuple(rows(r) for r in e.bounds), segments=segments,
+                                    mask_consts=tuple(r[...] for r in e.mask_consts))
+
+    def _mask_tile(self, row0, col0, idx: Index):
+        p, ref = self.p, self.extras.mask
+        if ref is None:
+            return None
         lm, sm = ref.shape[-2:]
-        size_q, size_k = rows.shape[0], cols.shape[1]
-        index = (jnp.int32(head) if isinstance(head, int) else head,  # masked loads need arrays
+        size_q, size_k = idx.q.shape[0], idx.kv.shape[1]
+        index = (self.mask_head,  # masked loads need arrays
                  pl.ds(row0, size_q) if lm > 1 else pl.ds(0, 1),
                  pl.ds(col0, size_k) if sm > 1 else pl.ds(0, 1))
         valid = None
         if lm > 1 and p.q_len % size_q:
-            valid = rows < p.q_len
-        if sm > 1 and edge and p.kv_len % size_k:
-            valid = cols < p.kv_len if valid is None else valid & (cols < p.kv_len)
+            valid = idx.q < p.q_len
+        if sm > 1 and p.kv_len % size_k:
+            valid = idx.kv < p.kv_len if valid is None else valid & (idx.kv < p.kv_len)
         tile = ref[index] if valid is None else plgpu.load(ref.at[index], mask=valid, other=0)
-        if p.mask_is_bool:
-            return tile != 0
-        return tile.astype(jnp.float32) * jnp.float32(LOG2E)
+        return tile != 0 if p.mask_is_bool else tile.astype(jnp.float32)
 
     def keep(self, row0, col0, size_q: int, size_k: int):
         """The dropout keep-mask of the tile at ``(row0, col0)`` (None without dropout)."""
         if self.seed is None:
             return None
         rows, cols = _coords(row0, col0, size_q, size_k)
-        return dropout_keep(self.seed, self.p.dropout_p, self.batch_head, rows, cols)
+        return dropout_keep(self.seed, self.p.dropout_p, self.b * self.p.q_heads + self.h,
+                            rows, cols)
 
 
 def _coords(row0, col0, size_q: int, size_k: int):
@@ -261,12 +291,17 @@ def _coords(row0, col0, size_q: int, size_k: int):
     return row0 + jnp.arange(size_q)[:, None], col0 + jnp.arange(size_k)[None, :]
 
 
-def _fori(lo, hi, body, carry):
-    """``lax.fori_loop``, left out where the range is statically empty (its tiles may not even
-    fit the sequence)."""
-    if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
-        return carry
-    return lax.fori_loop(lo, hi, body, carry)
+def _visit(vis: pc.Visits, refs, b, h, n, body, carry):
+    """Runs ``body(other_block, masked)`` over the blocks block ``n`` of (b, h) visits: the
+    FULL ones unmasked, then the PARTIAL ones masked."""
+    n_full, n_visible, row = vis.read(refs, b, h, n)
+    order = refs[2]
+
+    def step(masked: bool):
+        return lambda t, carry: body(order[row * vis.width + t], masked, carry)
+
+    carry = lax.fori_loop(0, n_full, step(False), carry)
+    return lax.fori_loop(n_full, n_visible, step(True), carry)
 
 
 def _query_block(p: Problem, bq: int):
@@ -275,38 +310,34 @@ def _query_block(p: Problem, bq: int):
     return i if p.causal_offset is None else cdiv(p.q_len, bq) - 1 - i
 
 
-def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, (o_ref, lse_ref) = pc.split_refs(p, refs)
+def _fwd_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
+    *visit_refs, o_ref, lse_ref = rest
     i, b, h = _query_block(p, bq), pl.program_id(1), pl.program_id(2)
-    scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + h)
-    ragged_q = p.q_len % bq != 0
+    scores = _Scores(p, extras, b, h)
+    ragged_q, ragged_k = p.q_len % bq != 0, p.kv_len % bk != 0
     q = _load(q_ref, (), i * bq, bq, p.q_len, p.head_dim, ragged_q)
 
-    def step(edge: bool):
-        def body(j, carry):
-            acc, row_max, total = carry
-            check = edge and p.kv_len % bk != 0
-            k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
-            v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
-            s = scores(q, k, i * bq, j * bk, 0, edge)
-            new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-            safe_max = finite_or_zero(new_max)
-            correction = jnp.exp2(row_max - safe_max)
-            weights = jnp.exp2(s - safe_max[:, None])
-            total = total * correction + jnp.sum(weights, axis=1)
-            keep = scores.keep(i * bq, j * bk, bq, bk)
-            if keep is not None:
-                weights = jnp.where(keep, weights, 0.0)
-            pv = _dot(weights.astype(v.dtype), v)
-            return acc * correction[:, None] + pv, new_max, total
-        return body
+    def body(j, masked: bool, carry):
+        acc, row_max, total = carry
+        check = masked and ragged_k  # FULL blocks lie within the keys
+        k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
+        v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
+        s = scores(scores.raw(q, k), i * bq, j * bk, masked)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        safe_max = finite_or_zero(new_max)
+        correction = jnp.exp2(row_max - safe_max)
+        weights = jnp.exp2(s - safe_max[:, None])
+        total = total * correction + jnp.sum(weights, axis=1)
+        keep = scores.keep(i * bq, j * bk, bq, bk)
+        if keep is not None:
+            weights = jnp.where(keep, weights, 0.0)
+        pv = _dot(weights.astype(v.dtype), v)
+        return acc * correction[:, None] + pv, new_max, total
 
     carry = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    n_full, n_visible = pc.key_blocks(p, i, bq, bk)
-    carry = _fori(0, n_full, step(False), carry)
-    carry = _fori(n_full, n_visible, step(True), carry)
-    acc, row_max, total = carry
+    acc, row_max, total = _visit(vis, visit_refs, b, h, i, body, carry)
     visible = total > 0
     safe_total = jnp.where(visible, total, 1.0)
     out = acc / safe_total[:, None]
@@ -317,78 +348,70 @@ def _fwd_kernel(*refs, p: Problem, bq: int, bk: int):
     _store_rows(lse_ref, lse, i * bq, p.q_len, ragged_q)
 
 
-def _dq_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
-    do_ref, lse_ref, delta_ref, dq_ref = rest
+def _dq_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
+    *visit_refs, do_ref, lse_ref, delta_ref, dq_ref = rest
     i, b, h = _query_block(p, bq), pl.program_id(1), pl.program_id(2)
-    scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + h)
-    ragged_q = p.q_len % bq != 0
+    scores = _Scores(p, extras, b, h)
+    ragged_q, ragged_k = p.q_len % bq != 0, p.kv_len % bk != 0
     q = _load(q_ref, (), i * bq, bq, p.q_len, p.head_dim, ragged_q)
     do = _load(do_ref, (), i * bq, bq, p.q_len, p.v_head_dim, ragged_q)
     lse = _load_rows(lse_ref, (), i * bq, bq, p.q_len, ragged_q)
     lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
     delta = _load_rows(delta_ref, (), i * bq, bq, p.q_len, ragged_q)
 
-    def step(edge: bool):
-        def body(j, dq):
-            check = edge and p.kv_len % bk != 0
-            k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
-            v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
-            probs = jnp.exp2(scores(q, k, i * bq, j * bk, 0, edge) - lse[:, None])
-            dp = _dot(do, v, pc.NT)
-            keep = scores.keep(i * bq, j * bk, bq, bk)
-            if keep is not None:
-                dp = jnp.where(keep, dp * (1.0 / (1.0 - p.dropout_p)), 0.0)
-            ds = probs * (dp - delta[:, None])
-            return dq + _dot(ds.astype(k.dtype), k)
-        return body
+    def body(j, masked: bool, dq):
+        check = masked and ragged_k
+        k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, check)
+        v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, check)
+        raw = scores.raw(q, k)
+        probs = jnp.exp2(scores(raw, i * bq, j * bk, masked) - lse[:, None])
+        dp = _dot(do, v, pc.NT)
+        keep = scores.keep(i * bq, j * bk, bq, bk)
+        if keep is not None:
+            dp = jnp.where(keep, dp * (1.0 / (1.0 - p.dropout_p)), 0.0)
+        ds = scores.vjp(raw, i * bq, j * bk, probs * (dp - delta[:, None]))
+        return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
-    n_full, n_visible = pc.key_blocks(p, i, bq, bk)
-    dq = _fori(0, n_full, step(False), dq)
-    dq = _fori(n_full, n_visible, step(True), dq)
+    dq = _visit(vis, visit_refs, b, h, i, body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
     _store(dq_ref, dq * jnp.float32(p.scale), i * bq, p.q_len, p.head_dim, ragged_q)
 
 
-def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int):
-    q_ref, k_ref, v_ref, mask_ref, seed_ref, rest = pc.split_refs(p, refs)
-    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+def _dkdv_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
+    q_ref, k_ref, v_ref, extras, rest = pc.split_refs(p, refs)
+    *visit_refs, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ragged_q, ragged_k = p.q_len % bq != 0, p.kv_len % bk != 0
     k = _load(k_ref, (), j * bk, bk, p.kv_len, p.head_dim, ragged_k)
     v = _load(v_ref, (), j * bk, bk, p.kv_len, p.v_head_dim, ragged_k)
-    first, first_full = pc.query_blocks(p, j, bq, bk)
-    nq = cdiv(p.q_len, bq)
-    mask_heads = 1 if mask_ref is None else mask_ref.shape[0]
+    mask_heads = 1 if extras.mask is None else extras.mask.shape[0]
 
     def group(g, carry):
-        scores = _Scores(p, mask_ref, seed_ref, b * p.q_heads + hk * p.groups + g)
-        mask_head = g if mask_heads > 1 else 0
+        h = hk * p.groups + g
+        scores = _Scores(p, extras, b, h, g if mask_heads > 1 else 0)
 
-        def step(edge: bool):
-            def body(i, carry):
-                dk, dv = carry
-                q = _load(q_ref, (g,), i * bq, bq, p.q_len, p.head_dim, ragged_q)
-                do = _load(do_ref, (g,), i * bq, bq, p.q_len, p.v_head_dim, ragged_q)
-                lse = _load_rows(lse_ref, (g,), i * bq, bq, p.q_len, ragged_q)
-                lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
-                delta = _load_rows(delta_ref, (g,), i * bq, bq, p.q_len, ragged_q)
-                probs = jnp.exp2(scores(q, k, i * bq, j * bk, mask_head, edge) - lse[:, None])
-                dp = _dot(do, v, pc.NT)
-                keep = scores.keep(i * bq, j * bk, bq, bk)
-                dropped = probs
-                if keep is not None:
-                    inv_keep = 1.0 / (1.0 - p.dropout_p)
-                    dropped = jnp.where(keep, probs * inv_keep, 0.0)
-                    dp = jnp.where(keep, dp * inv_keep, 0.0)
-                dv = dv + _dot(dropped.astype(do.dtype), do, _TN)
-                ds = probs * (dp - delta[:, None])
-                dk = dk + _dot(ds.astype(q.dtype), q, _TN)
-                return dk, dv
-            return body
+        def body(i, masked: bool, carry):
+            dk, dv = carry
+            q = _load(q_ref, (g,), i * bq, bq, p.q_len, p.head_dim, ragged_q)
+            do = _load(do_ref, (g,), i * bq, bq, p.q_len, p.v_head_dim, ragged_q)
+            lse = _load_rows(lse_ref, (g,), i * bq, bq, p.q_len, ragged_q)
+            lse = finite_or_zero(lse) * LOG2E  # hidden rows: exp2(-inf - 0) = 0
+            delta = _load_rows(delta_ref, (g,), i * bq, bq, p.q_len, ragged_q)
+            raw = scores.raw(q, k)
+            probs = jnp.exp2(scores(raw, i * bq, j * bk, masked) - lse[:, None])
+            dp = _dot(do, v, pc.NT)
+            keep = scores.keep(i * bq, j * bk, bq, bk)
+            dropped = probs
+            if keep is not None:
+                inv_keep = 1.0 / (1.0 - p.dropout_p)
+                dropped = jnp.where(keep, probs * inv_keep, 0.0)
+                dp = jnp.where(keep, dp * inv_keep, 0.0)
+            dv = dv + _dot(dropped.astype(do.dtype), do, _TN)
+            ds = scores.vjp(raw, i * bq, j * bk, probs * (dp - delta[:, None]))
+            dk = dk + _dot(ds.astype(q.dtype), q, _TN)
+            return dk, dv
 
-        carry = _fori(first, first_full, step(True), carry)
-        return _fori(first_full, nq, step(False), carry)
+        return _visit(vis, visit_refs, b, h, j, body, carry)
 
     carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
              jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
@@ -402,9 +425,10 @@ def _compiler_params(warps: int, stages: int):
 
 
 class _Call:
-    """BlockSpecs over a grid ``(blocks, batch, heads)``. Every ref is one (batch, head) slab
-    (one GQA group of query heads where ``per_group``) holding the whole sequence: the kernels
-    slice their tiles themselves, with masked loads at ragged ends."""
+    """BlockSpecs over a grid ``(blocks, batch, heads)``. Every q/k/v ref is one (batch, head)
+    slab (one GQA group of query heads where ``per_group``) holding the whole sequence: the
+    kernels slice their tiles themselves, with masked loads at ragged ends. The structured
+    mask's operands, captured arrays and visit lists are whole arrays."""
 
     def __init__(self, p: Problem, per_group: bool):
         self.p, self.per_group = p, per_group
@@ -424,68 +448,71 @@ class _Call:
     def kv_side(self, width: int):
         return pl.BlockSpec((pl.squeezed, pl.squeezed, self.p.kv_len, width), self.kv_index)
 
-    def inputs(self, q, k, v, mask, seed):
-        """Specs and operands for q, k, v and, where present, the mask and the seed."""
+    def inputs(self, extras: Extras, visit_lists):
+        """Specs of q, k, v, ``pc.kernel_operands(extras)`` and the visit lists."""
         p = self.p
         specs = [self.q_side(self.pad_e), self.kv_side(self.pad_e), self.kv_side(self.pad_ev)]
-        operands = [q, k, v]
-        if mask is not None:
+        whole = [_whole(x) for x in (*pc.kernel_operands(p, extras), *visit_lists)]
+        if p.has_mask:
             bm, hm, lm, sm = p.mask_shape
             heads = (p.groups if self.per_group else 1) if hm > 1 else 1
-            specs.append(pl.BlockSpec(
+            whole[0] = pl.BlockSpec(
                 (pl.squeezed, heads, lm, sm),
-                lambda n, b, h: (b if bm > 1 else 0, h if hm > 1 else 0, 0, 0)))
-            operands.append(mask.astype(jnp.int8) if p.mask_is_bool else mask)
-        if seed is not None:
-            specs.append(pl.BlockSpec((2,), lambda *_: (0,)))
-            operands.append(seed)
-        return specs, operands
+                lambda n, b, h: (b if bm > 1 else 0, h if hm > 1 else 0, 0, 0))
+        return specs + whole
 
 
-def _forward_call(p: Problem, cfg: Config, *, interpret):
+def _whole(x):
+    """The spec of an operand every program reads whole."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _forward_call(p: Problem, cfg: Config, vis: pc.Visits, *, interpret):
     call = _Call(p, per_group=False)
 
-    def run(q, k, v, mask, seed):
-        specs, operands = call.inputs(q, k, v, mask, seed)
+    def run(q, k, v, extras, visit_lists):
         rows = (p.batch, p.q_heads, p.q_len)
         return pl.pallas_call(
-            functools.partial(_fwd_kernel, p=p, bq=cfg.block_q, bk=cfg.block_k),
+            functools.partial(_fwd_kernel, p=p, bq=cfg.block_q, bk=cfg.block_k, vis=vis),
             grid=(cdiv(p.q_len, cfg.block_q), p.batch, p.q_heads),
-            in_specs=specs,
+            in_specs=call.inputs(extras, visit_lists),
             out_specs=[call.q_side(call.pad_ev), call.rows()],
             out_shape=[jax.ShapeDtypeStruct((*rows, p.v_head_dim), q.dtype),
                        jax.ShapeDtypeStruct(rows, jnp.float32)],
             compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
             interpret=interpret, name="transformax_flash_fwd",
-        )(*operands)
+        )(q, k, v, *pc.kernel_operands(p, extras), *visit_lists)
     return run
 
 
-def _backward_call(p: Problem, cfg: Config, *, interpret):
+def _backward_call(p: Problem, cfg: Config, vis_dq: pc.Visits, vis_dkdv: pc.Visits, *,
+                   interpret):
     per_q, per_kv = _Call(p, per_group=False), _Call(p, per_group=True)
     params = _compiler_params(cfg.bwd_warps, cfg.bwd_stages)
 
-    def run(q, k, v, mask, seed, out, lse, dout, dlse):
+    def run(q, k, v, extras, lists_dq, lists_dkdv, out, lse, dout, dlse):
         delta = row_delta(out, dout, dlse)
-        specs, operands = per_q.inputs(q, k, v, mask, seed)
+        operands = pc.kernel_operands(p, extras)
         dq = pl.pallas_call(
-            functools.partial(_dq_kernel, p=p, bq=cfg.block_q_dq, bk=cfg.block_k_dq),
+            functools.partial(_dq_kernel, p=p, bq=cfg.block_q_dq, bk=cfg.block_k_dq, vis=vis_dq),
             grid=(cdiv(p.q_len, cfg.block_q_dq), p.batch, p.q_heads),
-            in_specs=[*specs, per_q.q_side(per_q.pad_ev), per_q.rows(), per_q.rows()],
+            in_specs=[*per_q.inputs(extras, lists_dq), per_q.q_side(per_q.pad_ev), per_q.rows(),
+                      per_q.rows()],
             out_specs=per_q.q_side(per_q.pad_e),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             compiler_params=params, interpret=interpret, name="transformax_flash_dq",
-        )(*operands, dout, lse, delta)
-        specs, operands = per_kv.inputs(q, k, v, mask, seed)
+        )(q, k, v, *operands, *lists_dq, dout, lse, delta)
         dk, dv = pl.pallas_call(
-            functools.partial(_dkdv_kernel, p=p, bq=cfg.block_q_dkv, bk=cfg.block_k_dkv),
+            functools.partial(_dkdv_kernel, p=p, bq=cfg.block_q_dkv, bk=cfg.block_k_dkv,
+                              vis=vis_dkdv),
             grid=(cdiv(p.kv_len, cfg.block_k_dkv), p.batch, p.kv_heads),
-            in_specs=[*specs, per_kv.q_side(per_kv.pad_ev), per_kv.rows(), per_kv.rows()],
+            in_specs=[*per_kv.inputs(extras, lists_dkdv), per_kv.q_side(per_kv.pad_ev),
+                      per_kv.rows(), per_kv.rows()],
             out_specs=[per_kv.kv_side(per_kv.pad_e), per_kv.kv_side(per_kv.pad_ev)],
             out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                        jax.ShapeDtypeStruct(v.shape, v.dtype)],
             compiler_params=params, interpret=interpret, name="transformax_flash_dkdv",
-        )(*operands, dout, lse, delta)
+        )(q, k, v, *operands, *lists_dkdv, dout, lse, delta)
         return dq, dk, dv
     return run
 
@@ -494,13 +521,22 @@ def forward(problem: Problem, q, k, v, extras: Extras, config: Config | None = N
             interpret=None):
     """``config`` defaults to ``default_config(problem)``; ``interpret`` to per-platform (see
     ``pallas_common.per_platform``)."""
-    build = functools.partial(_forward_call, problem, config or default_config(problem))
-    return tuple(pc.per_platform(build, q, k, v, extras.mask, extras.seed, interpret=interpret))
+    cfg = config or default_config(problem)
+    vis, lists = pc.visits(problem, extras, cfg.block_q, cfg.block_k)
+    build = functools.partial(_forward_call, problem, cfg, vis)
+    return tuple(pc.per_platform(build, q, k, v, extras, lists, interpret=interpret))
 
 
 def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse,
              config: Config | None = None, interpret=None):
-    build = functools.partial(_backward_call, problem, config or default_config(problem))
-    dq, dk, dv = pc.per_platform(build, q, k, v, extras.mask, extras.seed, out, lse, dout, dlse,
-                                 interpret=interpret)
-    return dq, dk, dv, ()
+    """The score_mod's captured arrays get their gradients from a separate blockwise plain-JAX
+    pass (``xla_flash.backward``, whose dq/dk/dv go unused): accumulating them in the kernels
+    would need scatters Triton cannot lower."""
+    cfg = config or default_config(problem)
+    vis_dq, lists_dq = pc.visits(problem, extras, cfg.block_q_dq, cfg.block_k_dq)
+    vis_dkdv, lists_dkdv = pc.visits(problem, extras, cfg.block_q_dkv, cfg.block_k_dkv,
+                                     transpose=True)
+    build = functools.partial(_backward_call, problem, cfg, vis_dq, vis_dkdv)
+    dq, dk, dv = pc.per_platform(build, q, k, v, extras, lists_dq, lists_dkdv, out, lse, dout,
+                                 dlse, interpret=interpret)
+    return dq, dk, dv, pc.score_consts_gradients(problem, q, k, v, extras, out, lse, dout, dlse)
