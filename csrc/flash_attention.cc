@@ -19,7 +19,7 @@ namespace tfx {
 
 // The attributes of both calls, set by transformax/attention/backends/cpu_flash.py.
 struct Options {
-  int64_t mask_kind, causal, causal_offset;
+  int64_t mask_kind, causal, causal_offset, bounds, segments;
   float scale;
   int64_t dropout_threshold;
   float inv_keep;
@@ -30,7 +30,8 @@ struct Options {
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
     tfx::Options, ffi::StructMember<int64_t>("mask_kind"), ffi::StructMember<int64_t>("causal"),
-    ffi::StructMember<int64_t>("causal_offset"), ffi::StructMember<float>("scale"),
+    ffi::StructMember<int64_t>("causal_offset"), ffi::StructMember<int64_t>("bounds"),
+    ffi::StructMember<int64_t>("segments"), ffi::StructMember<float>("scale"),
     ffi::StructMember<int64_t>("dropout_threshold"), ffi::StructMember<float>("inv_keep"),
     ffi::StructMember<int64_t>("block_q"), ffi::StructMember<int64_t>("block_k"),
     ffi::StructMember<int64_t>("isa"), ffi::StructMember<int64_t>("threads"));
@@ -41,9 +42,23 @@ using tfx::Options;
 
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
 
+// What one query block can see, from the causal offset and the key intervals of its rows: the
+// union [lo_min, hi_max) and the intersection [lo_max, hi_min) of the rows' intervals, and the
+// range of their segment ids.
+struct QueryBlock {
+  long lo_min, hi_max, lo_max, hi_min;
+  int32_t id_min, id_max;
+};
+
+// The range of one key block's segment ids.
+struct KeyBlock {
+  int32_t id_min, id_max;
+};
+
 // One attention call on canonical operands (see transformax/attention/problem.py): q (B, Hq, L,
 // E), k (B, Hk, S, E), v (B, Hk, S, Ev), an optional mask (Bm, Hm, Lm, Sm) read through strides
-// (0 on broadcast dims), all f32 and contiguous.
+// (0 on broadcast dims), optional key intervals lo, hi (Bm, L) and segment ids q_ids (Bm, L),
+// kv_ids (Bm, S) (row stride 0 where Bm = 1), all contiguous.
 struct Attention {
   long batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, block_q, block_k;
   float scale, inv_keep;
@@ -56,8 +71,69 @@ struct Attention {
   long mask_itemsize, mask_stride[4];
   const uint32_t* seed;
   uint32_t dropout_threshold;
+  bool bounds, segments;
+  const int32_t *lo, *hi, *q_ids, *kv_ids;
+  long bounds_stride, q_ids_stride, kv_ids_stride;
+  const QueryBlock* query_blocks;  // (B, nq) for block_q
+  const KeyBlock* key_blocks;      // (B, nk) for block_k, where there are segments
   long groups() const { return q_heads / kv_heads; }
+  long n_query_blocks() const { return (q_len + block_q - 1) / block_q; }
+  long n_key_blocks() const { return (kv_len + block_k - 1) / block_k; }
 };
+
+// Key j is visible from query `row` of batch b only inside [first, end) (and where the ids
+// agree).
+struct Interval {
+  long first, end;
+};
+
+Interval row_interval(const Attention& a, long b, long row) {
+  long first = 0, end = a.kv_len;
+  if (a.bounds) {
+    first = std::max<long>(first, a.lo[b * a.bounds_stride + row]);
+    end = std::min<long>(end, a.hi[b * a.bounds_stride + row]);
+  }
+  if (a.causal) end = std::min(end, row + a.causal_offset + 1);
+  return {first, std::max(first, end)};
+}
+
+// Summaries of every (batch, query block) and, with segments, every (batch, key block).
+void summarise(const Attention& a, std::vector<QueryBlock>& queries, std::vector<KeyBlock>& keys) {
+  const long nq = a.n_query_blocks(), nk = a.n_key_blocks();
+  queries.resize(a.batch * nq);
+  for (long b = 0; b < a.batch; ++b)
+    for (long i = 0; i < nq; ++i) {
+      QueryBlock x{a.kv_len, 0, 0, a.kv_len, INT32_MAX, INT32_MIN};
+      for (long r = i * a.block_q; r < std::min(a.q_len, (i + 1) * a.block_q); ++r) {
+        Interval iv = row_interval(a, b, r);
+        if (iv.first < iv.end) {
+          x.lo_min = std::min(x.lo_min, iv.first);
+          x.hi_max = std::max(x.hi_max, iv.end);
+        }
+        x.lo_max = std::max(x.lo_max, iv.first);
+        x.hi_min = std::min(x.hi_min, iv.end);
+        if (a.segments) {
+          int32_t id = a.q_ids[b * a.q_ids_stride + r];
+          x.id_min = std::min(x.id_min, id);
+          x.id_max = std::max(x.id_max, id);
+        }
+      }
+      x.lo_min = std::min(x.lo_min, x.hi_max);
+      queries[b * nq + i] = x;
+    }
+  if (!a.segments) return;
+  keys.resize(a.batch * nk);
+  for (long b = 0; b < a.batch; ++b)
+    for (long j = 0; j < nk; ++j) {
+      KeyBlock x{INT32_MAX, INT32_MIN};
+      for (long c = j * a.block_k; c < std::min(a.kv_len, (j + 1) * a.block_k); ++c) {
+        int32_t id = a.kv_ids[b * a.kv_ids_stride + c];
+        x.id_min = std::min(x.id_min, id);
+        x.id_max = std::max(x.id_max, id);
+      }
+      keys[b * nk + j] = x;
+    }
+}
 
 // Runs item(i, scratch) for i in [0, n) on the calling thread and up to threads - 1 pool
 // threads, items claimed in order from a shared counter. Pool tasks that start after every item
@@ -115,8 +191,25 @@ bool isa_supported(int64_t isa) {
   return false;
 }
 
+// Reads an int32 (1 | B, length) operand: its data and row stride (0 where broadcast).
+bool read_rows(ffi::AnyBuffer x, long batch, long length, const int32_t*& data, long& stride) {
+  auto d = x.dimensions();
+  if (x.element_type() != ffi::S32 || d.size() != 2 || (d[0] != 1 && d[0] != batch) ||
+      d[1] != length)
+    return false;
+  data = x.typed_data<int32_t>();
+  stride = d[0] == 1 ? 0 : length;
+  return true;
+}
+
+// The structured mask's operands: key intervals lo, hi and segment ids q_ids, kv_ids.
+struct Structure {
+  ffi::AnyBuffer lo, hi, q_ids, kv_ids;
+};
+
 ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                       ffi::AnyBuffer mask, ffi::AnyBuffer seed, const Options& o) {
+                       ffi::AnyBuffer mask, ffi::AnyBuffer seed, const Structure& st,
+                       const Options& o) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("tfx native attention: q, k, v must have rank 4");
@@ -160,36 +253,66 @@ ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
   a.seed = static_cast<const uint32_t*>(seed.untyped_data());
   if (a.dropout && (seed.element_type() != ffi::U32 || seed.element_count() != 2))
     return ffi::Error::InvalidArgument("tfx native attention: the dropout seed must be uint32[2]");
+  a.bounds = o.bounds != 0;
+  if (a.bounds && !(read_rows(st.lo, a.batch, a.q_len, a.lo, a.bounds_stride) &&
+                    read_rows(st.hi, a.batch, a.q_len, a.hi, a.bounds_stride) &&
+                    st.lo.dimensions()[0] == st.hi.dimensions()[0]))
+    return ffi::Error::InvalidArgument("tfx native attention: the key intervals lo, hi must be "
+                                       "int32 of one shape (1|B, L)");
+  a.segments = o.segments != 0;
+  if (a.segments && !(read_rows(st.q_ids, a.batch, a.q_len, a.q_ids, a.q_ids_stride) &&
+                      read_rows(st.kv_ids, a.batch, a.kv_len, a.kv_ids, a.kv_ids_stride)))
+    return ffi::Error::InvalidArgument("tfx native attention: the segment ids must be int32 "
+                                       "q_ids (1|B, L) and kv_ids (1|B, S)");
   return ffi::Error::Success();
+}
+
+// The query blocks of every (batch, query head), widest visible key range first (dynamic
+// scheduling then ends with the cheap ones).
+std::vector<long> forward_order(const Attention& a) {
+  const long nq = a.n_query_blocks();
+  std::vector<long> order(a.batch * a.q_heads * nq), width(order.size());
+  for (long x = 0; x < long(order.size()); ++x) {
+    const QueryBlock& qb = a.query_blocks[x / (a.q_heads * nq) * nq + x % nq];
+    order[x] = x;
+    width[x] = qb.hi_max - qb.lo_min;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](long x, long y) { return width[x] > width[y]; });
+  return order;
 }
 
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer seed,
-                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
-                        Options o) {
+                        ffi::AnyBuffer lo, ffi::AnyBuffer hi, ffi::AnyBuffer q_ids,
+                        ffi::AnyBuffer kv_ids, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> lse, Options o) {
   Attention a{};
-  ffi::Error err = read_common(a, q, k, v, mask, seed, o);
+  ffi::Error err = read_common(a, q, k, v, mask, seed, {lo, hi, q_ids, kv_ids}, o);
   if (err.failure()) return err;
   a.out = out->typed_data<float>();
   a.lse = lse->typed_data<float>();
-  const long nq = (a.q_len + a.block_q - 1) / a.block_q;
-  const long items = a.batch * a.q_heads * nq;
-  // Causal query blocks cost more the later they are: hand those out first.
-  auto order = [&](long i) { return a.causal ? i / nq * nq + (nq - 1 - i % nq) : i; };
+  std::vector<QueryBlock> queries;
+  std::vector<KeyBlock> keys;
+  summarise(a, queries, keys);
+  a.query_blocks = queries.data();
+  a.key_blocks = keys.data();
+  const std::vector<long> order = forward_order(a);
   if (o.isa == ISA_AVX512)
-    avx512::run_forward(pool, a, o.threads, items, order);
+    avx512::run_forward(pool, a, o.threads, order);
   else
-    avx2::run_forward(pool, a, o.threads, items, order);
+    avx2::run_forward(pool, a, o.threads, order);
   return ffi::Error::Success();
 }
 
 ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                          ffi::AnyBuffer v, ffi::AnyBuffer mask, ffi::AnyBuffer seed,
-                         ffi::AnyBuffer lse, ffi::AnyBuffer delta, ffi::AnyBuffer dout,
-                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, Options o) {
+                         ffi::AnyBuffer lo, ffi::AnyBuffer hi, ffi::AnyBuffer q_ids,
+                         ffi::AnyBuffer kv_ids, ffi::AnyBuffer lse, ffi::AnyBuffer delta,
+                         ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
+                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                         Options o) {
   Attention a{};
-  ffi::Error err = read_common(a, q, k, v, mask, seed, o);
+  ffi::Error err = read_common(a, q, k, v, mask, seed, {lo, hi, q_ids, kv_ids}, o);
   if (err.failure()) return err;
   a.backward = true;
   a.lse = const_cast<float*>(lse.typed_data<float>());
@@ -198,6 +321,11 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   a.dq = dq->typed_data<float>();
   a.dk = dk->typed_data<float>();
   a.dv = dv->typed_data<float>();
+  std::vector<QueryBlock> queries;
+  std::vector<KeyBlock> keys;
+  summarise(a, queries, keys);
+  a.query_blocks = queries.data();
+  a.key_blocks = keys.data();
   const long items = a.batch * a.kv_heads;
   if (o.isa == ISA_AVX512)
     avx512::run_backward(pool, a, o.threads, items);
@@ -216,6 +344,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxFlashForward, forward_impl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // seed
+                                  .Arg<ffi::AnyBuffer>()  // lo
+                                  .Arg<ffi::AnyBuffer>()  // hi
+                                  .Arg<ffi::AnyBuffer>()  // q_ids
+                                  .Arg<ffi::AnyBuffer>()  // kv_ids
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Attrs<Options>());
@@ -228,6 +360,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxFlashBackward, backward_impl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // mask
                                   .Arg<ffi::AnyBuffer>()  // seed
+                                  .Arg<ffi::AnyBuffer>()  // lo
+                                  .Arg<ffi::AnyBuffer>()  // hi
+                                  .Arg<ffi::AnyBuffer>()  // q_ids
+                                  .Arg<ffi::AnyBuffer>()  // kv_ids
                                   .Arg<ffi::AnyBuffer>()  // lse (finite: 0 for hidden rows)
                                   .Arg<ffi::AnyBuffer>()  // delta
                                   .Arg<ffi::AnyBuffer>()  // dout

@@ -146,25 +146,34 @@ static inline T fmix32(T x) {
   return x ^ (x >> 16);
 }
 
-// Sets the scores of one tile row (query `row`, keys col0 .. col0 + ldt) to -inf where the
-// structure hides them (causal, dense mask, keys past the end) and adds a float mask.
-static void mask_row(const Attention& a, long b, long h, long row, long col0, long cols, long ldt,
-                     float* s) {
+struct Tile {
+  long row0, rows, col0, cols, ldt;  // ldt: cols rounded up to the vector width
+};
+
+// Sets the scores of one tile row (query `row`, keys t.col0 .. t.col0 + t.ldt) to -inf where the
+// structure hides them (causal offset, key interval, segment ids, dense mask, keys past the
+// tile) and adds a float mask.
+static void mask_row(const Attention& a, long b, long h, long row, const Tile& t, float* s) {
   const float inf = __builtin_inff();
   if (a.mask_kind != MASK_NONE) {
     const char* m = a.mask + (b * a.mask_stride[0] + h * a.mask_stride[1] +
-                              row * a.mask_stride[2] + col0 * a.mask_stride[3]) * a.mask_itemsize;
+                              row * a.mask_stride[2] + t.col0 * a.mask_stride[3]) * a.mask_itemsize;
     long step = a.mask_stride[3] * a.mask_itemsize;
     if (a.mask_kind == MASK_BOOL) {
-      for (long c = 0; c < cols; ++c)
+      for (long c = 0; c < t.cols; ++c)
         if (!m[c * step]) s[c] = -inf;
     } else {
-      for (long c = 0; c < cols; ++c) s[c] += *reinterpret_cast<const float*>(m + c * step);
+      for (long c = 0; c < t.cols; ++c) s[c] += *reinterpret_cast<const float*>(m + c * step);
     }
   }
-  long last = a.causal ? row + a.causal_offset - col0 : cols - 1;  // last visible column
-  if (last > cols - 1) last = cols - 1;
-  for (long c = last + 1 < 0 ? 0 : last + 1; c < ldt; ++c) s[c] = -inf;
+  const Interval iv = row_interval(a, b, row);
+  const long first = iv.first - t.col0, end = std::min(iv.end - t.col0, t.cols);
+  for (long c = 0; c < t.ldt; ++c) s[c] = c >= first && c < end ? s[c] : -inf;
+  if (a.segments && first < end) {
+    const int32_t id = a.q_ids[b * a.q_ids_stride + row];
+    const int32_t* kv = a.kv_ids + b * a.kv_ids_stride + t.col0;
+    for (long c = first < 0 ? 0 : first; c < end; ++c) s[c] = kv[c] == id ? s[c] : -inf;
+  }
 }
 
 // Dropout keep bits of one tile row, the same counter hash as problem.dropout_keep in Python:
@@ -183,21 +192,21 @@ static void keep_row(const Attention& a, long b, long h, long row, long col0, lo
   }
 }
 
-struct Tile {
-  long row0, rows, col0, cols, ldt;  // ldt: cols rounded up to the vector width
-};
+enum TileClass { EMPTY, PARTIAL, FULL };
 
-// Whether a tile needs per-element masking (anything but a fully visible, unmasked tile).
-static bool tile_needs_mask(const Attention& a, const Tile& t) {
-  if (a.mask_kind != MASK_NONE || t.ldt != t.cols) return true;
-  return a.causal && t.col0 + t.cols - 1 > t.row0 + a.causal_offset;
-}
-
-// Keys [0, end) are the only ones any row of the query block [row0, row0 + rows) can see.
-static long visible_end(const Attention& a, long row0, long rows) {
-  if (!a.causal) return a.kv_len;
-  long end = row0 + rows + a.causal_offset;
-  return end < 0 ? 0 : end > a.kv_len ? a.kv_len : end;
+// Whether the mask hides all of a tile of query block `qb` (its rows row0 .. row0 + rows) and keys
+// col0 .. col0 + cols of key block `j` (EMPTY: skipped), some of it (PARTIAL: masked per element)
+// or none (FULL: no masking work). Conservative: PARTIAL may hide all or nothing.
+static TileClass classify(const Attention& a, const QueryBlock& qb, long b, long j, const Tile& t) {
+  const long end = t.col0 + t.cols;
+  if (end <= qb.lo_min || t.col0 >= qb.hi_max) return EMPTY;
+  bool full = qb.lo_max <= t.col0 && end <= qb.hi_min;
+  if (a.segments) {
+    const KeyBlock& kb = a.key_blocks[b * a.n_key_blocks() + j];
+    if (qb.id_max < kb.id_min || kb.id_max < qb.id_min) return EMPTY;
+    full = full && qb.id_min == qb.id_max && kb.id_min == kb.id_max && qb.id_min == kb.id_min;
+  }
+  return full && a.mask_kind == MASK_NONE && t.ldt == t.cols ? FULL : PARTIAL;
 }
 
 struct Scratch {
@@ -230,10 +239,8 @@ static long packed_tile_floats(const Attention& a) {
   return round_up(a.head_dim) * round_up(a.block_k) + round_up(a.block_k) * round_up(a.v_head_dim);
 }
 
-static long key_blocks(const Attention& a) { return (a.kv_len + a.block_k - 1) / a.block_k; }
-
 static void pack_tile(const Attention& a, long tile, float* packed) {
-  const long nk = key_blocks(a), head = tile / nk, j = tile % nk;
+  const long nk = a.n_key_blocks(), head = tile / nk, j = tile % nk;
   const long E = a.head_dim, Ev = a.v_head_dim, col0 = j * a.block_k;
   const long cols = a.kv_len - col0 < a.block_k ? a.kv_len - col0 : a.block_k;
   float* kt = packed + tile * packed_tile_floats(a);
@@ -243,13 +250,15 @@ static void pack_tile(const Attention& a, long tile, float* packed) {
             kt + round_up(E) * round_up(a.block_k), round_up(Ev));
 }
 
-// Forward of one (batch, query head, query block).
+// Forward of one (batch, query head, query block): only the keys its rows can see, from the
+// packed tiles (a tile is entered at a vector-aligned column).
 static void forward_item(const Attention& a, const float* packed, long item, float* scratch) {
-  const long nq = (a.q_len + a.block_q - 1) / a.block_q, nk = key_blocks(a);
+  const long nq = a.n_query_blocks(), nk = a.n_key_blocks(), ldk = round_up(a.block_k);
   const long b = item / (a.q_heads * nq), h = item / nq % a.q_heads, i = item % nq;
   const long hk = h / a.groups(), E = a.head_dim, Ev = a.v_head_dim;
   const long ep = round_up(E), evp = round_up(Ev);
   const float inf = __builtin_inff();
+  const QueryBlock& qb = a.query_blocks[b * nq + i];
   Scratch sc = carve(a, scratch);
   Tile t;
   t.row0 = i * a.block_q;
@@ -258,18 +267,19 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
   float row_max[512], total[512];
   for (long r = 0; r < t.rows; ++r) { row_max[r] = -inf; total[r] = 0.f; }
   for (long x = 0; x < t.rows * evp; ++x) sc.o[x] = 0.f;
-  const long end = visible_end(a, t.row0, t.rows);
-  for (long j = 0; j * a.block_k < end; ++j) {
-    t.col0 = j * a.block_k;
-    t.cols = end - t.col0 < a.block_k ? end - t.col0 : a.block_k;  // keys no row here sees: skipped
+  for (long j = qb.lo_min / a.block_k; j * a.block_k < qb.hi_max; ++j) {
+    const long skip = std::max(0L, qb.lo_min - j * a.block_k) / VW * VW;  // keys no row sees
+    t.col0 = j * a.block_k + skip;
+    t.cols = std::min((j + 1) * a.block_k, qb.hi_max) - t.col0;
     t.ldt = round_up(t.cols);
+    const TileClass cls = classify(a, qb, b, j, t);
+    if (cls == EMPTY) continue;
     const float* kt = packed + ((b * a.kv_heads + hk) * nk + j) * packed_tile_floats(a);
-    const float* vt = kt + ep * round_up(a.block_k);
-    gemm(t.rows, t.ldt, ep, sc.q, ep, 1, kt, round_up(a.block_k), sc.s, t.ldt, false);
-    const bool masked = tile_needs_mask(a, t);
+    const float* vt = kt + ep * ldk + skip * evp;
+    gemm(t.rows, t.ldt, ep, sc.q, ep, 1, kt + skip, ldk, sc.s, t.ldt, false);
     for (long r = 0; r < t.rows; ++r) {
       float* s = sc.s + r * t.ldt;
-      if (masked) mask_row(a, b, h, t.row0 + r, t.col0, t.cols, t.ldt, s);
+      if (cls == PARTIAL) mask_row(a, b, h, t.row0 + r, t, s);
       vf m = splat(-inf);
       for (long c = 0; c < t.ldt; c += VW) m = vmax(m, load(s + c));
       float new_max = hmax(m);
@@ -315,8 +325,10 @@ static void backward_item(const Attention& a, long item, float* scratch) {
   const float* k = a.k + (b * a.kv_heads + hk) * a.kv_len * E;
   const float* v = a.v + (b * a.kv_heads + hk) * a.kv_len * Ev;
   for (long x = 0; x < G * a.q_len * ep; ++x) sc.dq[x] = 0.f;
+  const long nq = a.n_query_blocks();
   Tile t;
-  for (t.col0 = 0; t.col0 < a.kv_len; t.col0 += a.block_k) {
+  for (long j = 0; j < a.n_key_blocks(); ++j) {
+    t.col0 = j * a.block_k;
     t.cols = a.kv_len - t.col0 < a.block_k ? a.kv_len - t.col0 : a.block_k;
     t.ldt = round_up(t.cols);
     pack_transposed(k + t.col0 * E, E, t.cols, E, ep, sc.kt, t.ldt);
@@ -329,16 +341,16 @@ static void backward_item(const Attention& a, long item, float* scratch) {
       const long head = (b * a.q_heads + h) * a.q_len;
       for (t.row0 = 0; t.row0 < a.q_len; t.row0 += a.block_q) {
         t.rows = a.q_len - t.row0 < a.block_q ? a.q_len - t.row0 : a.block_q;
-        if (visible_end(a, t.row0, t.rows) <= t.col0) continue;
+        const TileClass cls = classify(a, a.query_blocks[b * nq + t.row0 / a.block_q], b, j, t);
+        if (cls == EMPTY) continue;
         pack_rows(a.q + (head + t.row0) * E, E, t.rows, E, a.scale, sc.q, ep);
         pack_rows(a.dout + (head + t.row0) * Ev, Ev, t.rows, Ev, 1.f, sc.o, evp);
         gemm(t.rows, t.ldt, ep, sc.q, ep, 1, sc.kt, t.ldt, sc.s, t.ldt, false);   // scores
         gemm(t.rows, t.ldt, evp, sc.o, evp, 1, sc.vt, t.ldt, sc.p, t.ldt, false);  // dP
-        const bool masked = tile_needs_mask(a, t);
         for (long r = 0; r < t.rows; ++r) {
           float* s = sc.s + r * t.ldt;
           float* dp = sc.p + r * t.ldt;
-          if (masked) mask_row(a, b, h, t.row0 + r, t.col0, t.cols, t.ldt, s);
+          if (cls == PARTIAL) mask_row(a, b, h, t.row0 + r, t, s);
           const vf lse = splat(a.lse[head + t.row0 + r]), delta = splat(a.delta[head + t.row0 + r]);
           if (a.dropout) keep_row(a, b, h, t.row0 + r, t.col0, t.ldt, sc.keep + r * t.ldt);
           for (long c = 0; c < t.ldt; c += VW) {
@@ -374,16 +386,15 @@ static void backward_item(const Attention& a, long item, float* scratch) {
   }
 }
 
-// Packs every key/value tile, then runs the query blocks in the order `order` gives.
-template <class Order>
-static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads, long items,
-                        Order order) {
-  const long tiles = a.batch * a.kv_heads * key_blocks(a);
+// Packs every key/value tile, then runs the forward items in `order`.
+static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
+                        const std::vector<long>& order) {
+  const long tiles = a.batch * a.kv_heads * a.n_key_blocks();
   std::unique_ptr<float[]> packed(new float[tiles * packed_tile_floats(a)]);
   float* base = packed.get();
   parallel_for(pool, tiles, threads, 0, [&](long t, float*) { pack_tile(a, t, base); });
-  parallel_for(pool, items, threads, scratch_floats(a),
-               [&](long i, float* s) { forward_item(a, base, order(i), s); });
+  parallel_for(pool, long(order.size()), threads, scratch_floats(a),
+               [&](long i, float* s) { forward_item(a, base, order[i], s); });
 }
 
 static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads, long items) {

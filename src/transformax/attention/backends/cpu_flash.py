@@ -3,7 +3,11 @@ and AVX-512 code paths picked at run time, forward and backward.
 
 Per tile it fuses what XLA runs as separate passes: the scores GEMM with a register-blocked
 micro-kernel, masking only on tiles that need it, a vectorised exp with the running max and sum,
-and the P·V GEMM, all in the worker's cache; causal tiles past the diagonal are never visited.
+and the P·V GEMM, all in the worker's cache. Structured masks (a causal offset, per-row key
+intervals, segment ids) are classified per tile in C++ from each query block's union and
+intersection of row intervals and each block's range of ids: hidden tiles are never visited
+(the forward also enters a key tile only at the first column its query block sees), fully
+visible ones skip the masking work.
 The forward parallelises over (batch, head, query block), the backward over (batch, key/value
 head). Everything runs in float32 (bf16/f16 operands are widened first). Tiles and threads come
 from ``transformax.tuning``: pinned, cached, tuned or derived from the host's cache sizes.
@@ -32,7 +36,7 @@ else:
     jax.ffi.register_ffi_target("tfx_cpu_flash_bwd", _flash_cpu.backward, platform="cpu")
 
 NAME = "cpu_flash"
-FEATURES = frozenset({"dense mask", "dropout"})
+FEATURES = frozenset({"dense mask", "dropout", "key intervals", "segment ids"})
 # Its FFI targets carry no serialization guarantee: jax.export lowers the next eligible kernel.
 EXPORTABLE = False
 _ISA_CODES = {"avx2": 0, "avx512": 1}
@@ -95,9 +99,9 @@ def default_config(problem: Problem, pass_: str) -> Config:
     """Tiles measured best on a 2-core AVX-512 host (2 MiB of L2 per core), shrunk to fit 3/4 of
     the host's per-core L2 (so a 512 KiB L2 gets 256-key tiles). Forward: 256 x 512 without a
     causal mask; with one, 128 x 256 (64 rows up to 1024 queries), since diagonal tiles are
-    partly wasted. Backward: 128 x 128."""
+    partly wasted (the same for key intervals: bands). Backward: 128 x 128."""
     h = host.current()
-    causal = problem.causal_offset is not None
+    causal = problem.causal_offset is not None or problem.bounds is not None
     if pass_ == "bwd":
         block_q, widest = 128, 128
     elif causal:
@@ -127,51 +131,55 @@ def _attributes(problem: Problem, cfg: Config) -> dict:
     mask_kind = 0 if not p.has_mask else 1 if p.mask_is_bool else 2
     threshold = min(round(p.dropout_p * 2.0**32), 2**32 - 1) if p.has_dropout else 0
     return dict(mask_kind=np.int64(mask_kind), causal=np.int64(p.causal_offset is not None),
-                causal_offset=np.int64(p.causal_offset or 0), scale=np.float32(p.scale),
-                dropout_threshold=np.int64(threshold),
+                causal_offset=np.int64(p.causal_offset or 0),
+                bounds=np.int64(p.bounds is not None), segments=np.int64(p.segments is not None),
+                scale=np.float32(p.scale), dropout_threshold=np.int64(threshold),
                 inv_keep=np.float32(1.0 / (1.0 - p.dropout_p)), block_q=np.int64(cfg.block_q),
                 block_k=np.int64(cfg.block_k), isa=np.int64(_ISA_CODES[cfg.isa]),
                 threads=np.int64(cfg.threads))
 
 
-def _operands(problem: Problem, q, k, v, mask, seed):
-    """f32 q/k/v, a bool or f32 mask (a dummy when there is none) and a uint32[2] seed."""
+def _operands(problem: Problem, q, k, v, extras: Extras):
+    """f32 q/k/v, a bool or f32 mask, a uint32[2] seed, the int32 key intervals and segment
+    ids (a dummy for each that is absent)."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    mask, seed = extras.mask, extras.seed
     if mask is None:
         mask = jnp.zeros((1, 1, 1, 1), jnp.float32)
     elif not problem.mask_is_bool:
         mask = mask.astype(jnp.float32)
     if seed is None:
         seed = jnp.zeros((2,), jnp.uint32)
-    return (*f32, mask, seed)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    structure = [x.astype(jnp.int32) for x in (*extras.bounds, *extras.segments)]
+    bounds = structure[:2] if extras.bounds else [dummy, dummy]
+    segments = structure[-2:] if extras.segments else [dummy, dummy]
+    return (*f32, mask, seed, *bounds, *segments)
 
 
-def _forward_call(problem: Problem, cfg: Config, q, k, v, mask, seed):
+def _forward_call(problem: Problem, cfg: Config, q, k, v, extras: Extras):
     p = problem
     shapes = (jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len, p.v_head_dim), jnp.float32),
               jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32))
     return jax.ffi.ffi_call("tfx_cpu_flash_fwd", shapes)(
-        *_operands(p, q, k, v, mask, seed), **_attributes(p, cfg))
+        *_operands(p, q, k, v, extras), **_attributes(p, cfg))
 
 
-def _backward_call(problem: Problem, cfg: Config, q, k, v, mask, seed, lse, delta, dout):
+def _backward_call(problem: Problem, cfg: Config, q, k, v, extras: Extras, lse, delta, dout):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     return jax.ffi.ffi_call("tfx_cpu_flash_bwd", shapes)(
-        *_operands(problem, q, k, v, mask, seed), lse.astype(jnp.float32),
+        *_operands(problem, q, k, v, extras), lse.astype(jnp.float32),
         delta.astype(jnp.float32), dout.astype(jnp.float32), **_attributes(problem, cfg))
 
 
 def forward(problem: Problem, q, k, v, extras: Extras):
-    mask, seed = extras.mask, extras.seed
     cfg = tune.planned(NAME, problem, "fwd")
-    out, lse = _forward_call(problem, cfg, q, k, v, mask, seed)
+    out, lse = _forward_call(problem, cfg, q, k, v, extras)
     return out.astype(q.dtype), lse
 
 
 def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
-    mask, seed = extras.mask, extras.seed
     delta = row_delta(out, dout, dlse)
     cfg = tune.planned(NAME, problem, "bwd")
-    dq, dk, dv = _backward_call(problem, cfg, q, k, v, mask, seed, finite_or_zero(lse), delta,
-                                dout)
+    dq, dk, dv = _backward_call(problem, cfg, q, k, v, extras, finite_or_zero(lse), delta, dout)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ()
