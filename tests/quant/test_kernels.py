@@ -2,6 +2,7 @@
 per-tensor activation quantization); selection, ``quant.kernel`` and ``explain``."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import torch
 
 from transformax import host, nn, quant, tuning
 from transformax.quant import tune
+from transformax.quant.kernels import pallas_triton
 from transformax.quant.problem import Problem
 
 M, K, N = 8, 64, 48
@@ -73,7 +75,9 @@ def qw_of(recipe):
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_every_kernel_matches_dequantize_then_matmul(name):
+def test_every_kernel_matches_dequantize_then_matmul(name, monkeypatch):
+    """Pallas Triton interpreted on cpu too. (``quant.kernel`` retraces the jitted ``linear``.)"""
+    monkeypatch.setenv(pallas_triton.pc.INTERPRET_ENV, "1")
     recipe = RECIPES[name]
     qparams = {"w": qw_of(recipe)}
     kernels = eligible_on_cpu(qparams["w"])
@@ -81,6 +85,7 @@ def test_every_kernel_matches_dequantize_then_matmul(name):
     integer = recipe.weight_granularity != "group"
     assert (quant.Kernel.XLA_INT8 in kernels) == (recipe.activations != "none" and integer)
     assert (quant.Kernel.XLA_INT8X2 in kernels) == (recipe.activations == "none" and integer)
+    assert (quant.Kernel.PALLAS_TRITON in kernels) == integer
     ref = reference(recipe, qparams["w"])
     for k in kernels:
         with quant.kernel([k]):
@@ -121,7 +126,9 @@ def test_selection_explain_and_kernel_context():
     assert e.chosen("cpu") == quant.Kernel.XLA_INT8 and e.chosen("tpu") == quant.Kernel.XLA_INT8
     text = str(e)
     assert "int8 matmul '<root>': (8, 64) @ (64, 48)" in text
-    assert "pallas_triton  cannot run: not implemented yet" in text
+    assert ("pallas_triton  cannot run: runs on cpu only in Pallas interpret mode "
+            "(TRANSFORMAX_PALLAS_INTERPRET=1)") in text
+    assert "cuda:\n  pallas_triton  chosen (priority)" in text
     with quant.kernel(["dequant", "xla_bf16"], set_priority=True):
         assert quant.explain(X, qw).chosen("cpu") == quant.Kernel.DEQUANT
     with quant.kernel("xla_bf16"):
@@ -183,3 +190,17 @@ def test_weight_only_host_default(monkeypatch, flags, rows, chosen):
     e = quant.explain(np.zeros((rows, K), np.float32), qw)
     source = "host default" if chosen == "xla_bf16" else "priority"
     assert f"{chosen:<14} chosen ({source})" in str(e)
+
+
+def test_pallas_triton_lowers_to_triton_for_cuda():
+    """Without a GPU: the kernel lowers for cuda through jax's Triton lowering (bf16
+    activations, int8 ones with a zero point, and weight-only)."""
+    x = jnp.asarray(X, jnp.bfloat16)
+    for recipe in (RECIPES["dynamic-asym"], RECIPES["weight"]):
+        qw = qw_of(recipe)
+        problem = Problem.of(x, qw)
+        hlo = jax.jit(functools.partial(pallas_triton.matmul, problem)).trace(x, qw).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in hlo and "transformax_int8_matmul" in hlo
+    assert pallas_triton.default_config(problem) == pallas_triton.Config(
+        block_m=16, block_n=64, block_k=64)  # (8, 64) @ (64, 48)

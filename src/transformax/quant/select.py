@@ -33,14 +33,13 @@ class Kernel(str, enum.Enum):
 
 
 PRIORITY = {
-    "cpu": (Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT),
+    # pallas_triton runs on cpu only in Pallas interpret mode (tests), last.
+    "cpu": (Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT,
+            Kernel.PALLAS_TRITON),
     "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2,
              Kernel.DEQUANT),
     "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2, Kernel.DEQUANT),
 }
-
-_MISSING = {Kernel.PALLAS_TRITON: "not implemented yet (no GPU to verify it on; cuda runs "
-                                  "xla_int8)"}
 
 # (allowed kernels, set_priority) or None. A JAX user context: part of jit's cache key, so a
 # function jitted outside a ``kernel`` block is traced again inside one.
@@ -74,8 +73,6 @@ def kernel(kernels: Kernel | str | Iterable[Kernel | str],
 def reasons_unsupported(kernel_: Kernel, problem: Problem, platform: str) -> list[str]:
     if kernel_ not in PRIORITY[platform]:
         return [f"not a {platform} kernel"]
-    if kernel_ in _MISSING:
-        return [_MISSING[kernel_]]
     return module(kernel_).reasons_unsupported(problem, platform)
 
 
