@@ -291,16 +291,18 @@ def _coords(row0, col0, size_q: int, size_k: int):
     return row0 + jnp.arange(size_q)[:, None], col0 + jnp.arange(size_k)[None, :]
 
 
-def _visit(vis: pc.Visits, refs, b, h, n, body, carry):
-    """Runs ``body(other_block, masked)`` over the blocks block ``n`` of (b, h) visits: the
-    FULL ones unmasked, then the PARTIAL ones masked."""
+def _visit(vis: pc.Visits, refs, b, h, n, body, carry, any_full: bool = True):
+    """Runs ``body(other_block, masked, carry)`` over the blocks block ``n`` of (b, h) visits:
+    the FULL ones unmasked, then the PARTIAL ones masked. ``any_full=False``: there are none
+    (their unmasked tiles would not even fit the sequence)."""
     n_full, n_visible, row = vis.read(refs, b, h, n)
     order = refs[2]
 
     def step(masked: bool):
         return lambda t, carry: body(order[row * vis.width + t], masked, carry)
 
-    carry = lax.fori_loop(0, n_full, step(False), carry)
+    if any_full:
+        carry = lax.fori_loop(0, n_full, step(False), carry)
     return lax.fori_loop(n_full, n_visible, step(True), carry)
 
 
@@ -337,7 +339,7 @@ def _fwd_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
 
     carry = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, row_max, total = _visit(vis, visit_refs, b, h, i, body, carry)
+    acc, row_max, total = _visit(vis, visit_refs, b, h, i, body, carry, p.kv_len >= bk)
     visible = total > 0
     safe_total = jnp.where(visible, total, 1.0)
     out = acc / safe_total[:, None]
@@ -373,7 +375,8 @@ def _dq_kernel(*refs, p: Problem, bq: int, bk: int, vis: pc.Visits):
         ds = scores.vjp(raw, i * bq, j * bk, probs * (dp - delta[:, None]))
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _visit(vis, visit_refs, b, h, i, body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    dq = jnp.zeros((bq, q_ref.shape[-1]), jnp.float32)
+    dq = _visit(vis, visit_refs, b, h, i, body, dq, p.kv_len >= bk)
     _store(dq_ref, dq * jnp.float32(p.scale), i * bq, p.q_len, p.head_dim, ragged_q)
 
 
