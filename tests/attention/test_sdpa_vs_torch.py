@@ -1,8 +1,6 @@
 """tfx.sdpa against torch.nn.functional.scaled_dot_product_attention: outputs and gradients,
 each CPU kernel forced in turn, over shapes, masks, GQA, scale and causal."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,24 +8,12 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 import torch
+from tiles import ISAS, pinned_tiles
 from torch_reference import torch_sdpa
 
 import transformax as tfx
-from transformax import host, tuning
-from transformax.attention.backends import cpu_flash, xla_flash
 
 KERNELS = [tfx.Backend.MATH, tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH]
-ISAS = [isa for isa in ("avx2", "avx512") if isa in ("avx2", host.current().isa)]
-
-
-def pinned_tiles(fwd: tuple[int, int], bwd: tuple[int, int], isa: str = "avx2", threads: int = 2):
-    """A context pinning the flash kernels' tiles (and cpu_flash's ISA and threads)."""
-    stack = contextlib.ExitStack()
-    for pass_, (bq, bk) in (("fwd", fwd), ("bwd", bwd)):
-        stack.enter_context(tuning.kernel_config("xla_flash", xla_flash.Config(bq, bk), pass_=pass_))
-        stack.enter_context(tuning.kernel_config(
-            "cpu_flash", cpu_flash.Config(bq, bk, threads, isa), pass_=pass_))
-    return stack
 
 
 @pytest.fixture(autouse=True)

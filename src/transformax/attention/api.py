@@ -265,10 +265,12 @@ def _attend(call: _Call, return_lse: bool):
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-            enable_gqa=False, *, dropout_rng=None, return_lse=False) -> select.Explanation:
-    """Which kernel ``sdpa`` would run on each platform for these arguments, why not the
-    others, the chosen configurations, and the cost (FLOPs, temporaries). ``print()`` it for a
-    table. Arrays may be ``jax.ShapeDtypeStruct``s: nothing is computed or allocated."""
+            enable_gqa=False, *, dropout_rng=None, return_lse=False,
+            score_mod=None) -> select.Explanation:
+    """Which kernel ``sdpa`` (or ``flex_attention``, given a ``score_mod``) would run on each
+    platform for these arguments, why not the others, the chosen configurations, and the cost
+    (FLOPs, temporaries). ``print()`` it for a table. Arrays may be ``jax.ShapeDtypeStruct``s:
+    nothing is computed or allocated."""
     del return_lse
     if dropout_p > 0.0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # only the problem's shape matters here
@@ -276,7 +278,7 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
 
     def probe(query, key, value, attn_mask, dropout_rng):
         problems.append(_Call(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                              enable_gqa, dropout_rng).problem)
+                              enable_gqa, dropout_rng, score_mod=score_mod).problem)
         return ()
 
     jax.eval_shape(probe, query, key, value, attn_mask, dropout_rng)

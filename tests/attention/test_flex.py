@@ -1,0 +1,200 @@
+"""tfx.flex_attention and the structured masks against torch: forward values against torch's own
+flex_attention (eager, CPU), gradients against torch autograd through the same dense
+formulation; score_mod functions written once, run by both libraries."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import flex_attention as torch_flex
+
+import transformax as tfx
+
+B, HQ, HK, L, S, E = 2, 4, 2, 32, 48, 16
+RNG = np.random.default_rng(0)
+Q, K, V = (RNG.standard_normal(shape).astype(np.float32)
+           for shape in ((B, HQ, L, E), (B, HK, S, E), (B, HK, S, E)))
+DOUT = RNG.standard_normal((B, HQ, L, E)).astype(np.float32)
+SLOPES = np.linspace(0.25, 1.0, HQ).astype(np.float32)
+BIAS = (0.5 * RNG.standard_normal(L + S)).astype(np.float32)
+DOCS = np.repeat(np.array([[0, 1, 2, 3], [0, 0, 1, 2]]), [8, 8, 8, 8], axis=1)
+KV_DOCS = np.repeat(np.array([[0, 1, 2, 3], [0, 0, 1, 2]]), [12, 12, 12, 12], axis=1)
+
+
+# Written once with indexing and arithmetic only: run by torch on tensors, by transformax on
+# jnp arrays. ``xp`` supplies tanh.
+def alibi(slopes):
+    return lambda score, b, h, q, kv: score + slopes[h] * (kv - q)
+
+
+def softcap(xp):
+    return lambda score, b, h, q, kv: 4.0 * xp.tanh(score / 4.0)
+
+
+def relative_bias(table):
+    return lambda score, b, h, q, kv: score + table[kv - q + L]
+
+
+def window(size):
+    return lambda b, h, q, kv: (q + (S - L) - kv >= 0) & (q + (S - L) - kv < size)
+
+
+def documents(q_docs, kv_docs):
+    return lambda b, h, q, kv: q_docs[b, q] == kv_docs[b, kv]
+
+
+def prefix(lengths):
+    return lambda b, h, q, kv: (kv <= q) | (kv < lengths[b])
+
+
+SCORE_MODS = {
+    "none": (lambda xp, arr: None, None),
+    "alibi": (lambda xp, arr: alibi(arr), SLOPES),
+    "softcap": (lambda xp, arr: softcap(xp), None),
+    "relative_bias": (lambda xp, arr: relative_bias(arr), BIAS),
+}
+MASKS = {  # name -> (mask_mod over arrays of xp, tfx structured mask or None)
+    "none": (lambda xp: None, None),
+    "window": (lambda xp: window(9), tfx.sliding_window(L, S, 9, lower_right=True)),
+    "documents": (lambda xp: documents(xp.asarray(DOCS), xp.asarray(KV_DOCS)),
+                  tfx.document_mask(DOCS, KV_DOCS)),
+    "prefix_lm": (lambda xp: prefix(xp.asarray(np.array([6, 20]))),
+                  tfx.prefix_lm(L, S, jnp.array([6, 20]))),
+    "documents_and_window": (
+        lambda xp: lambda b, h, q, kv: documents(xp.asarray(DOCS), xp.asarray(KV_DOCS))(
+            b, h, q, kv) & window(9)(b, h, q, kv),
+        tfx.document_mask(DOCS, KV_DOCS) & tfx.sliding_window(L, S, 9, lower_right=True)),
+}
+
+
+def torch_reference(score_name: str, mask_name: str):
+    """torch flex_attention's output, and autograd's gradients through the dense formulation."""
+    make_score, array = SCORE_MODS[score_name]
+    captured = None if array is None else torch.tensor(array, requires_grad=True)
+    score_mod = make_score(torch, captured)
+    mask_mod = MASKS[mask_name][0](torch)
+    q, k, v = (torch.tensor(x, requires_grad=True) for x in (Q, K, V))
+    block_mask = None if mask_mod is None else torch_flex.create_block_mask(
+        mask_mod, B, None, L, S, device="cpu")
+    with torch.no_grad():  # torch has no flex backward on CPU
+        flex_out = torch_flex.flex_attention(*(x.detach() for x in (q, k, v)),
+                                             score_mod=make_score(torch, None if array is None
+                                                                  else torch.tensor(array)),
+                                             block_mask=block_mask, enable_gqa=True)
+    scores = q @ torch.repeat_interleave(k, HQ // HK, 1).transpose(-1, -2) / np.sqrt(E)
+    b, h, qi, ki = torch.meshgrid(*(torch.arange(n) for n in scores.shape), indexing="ij")
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, qi, ki)
+    if mask_mod is not None:
+        scores = scores.masked_fill(~mask_mod(b, h, qi, ki), -torch.inf)
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows seeing no key: zeros, as flex
+    dense_out = probs @ torch.repeat_interleave(v, HQ // HK, 1)
+    dense_out.backward(torch.tensor(DOUT))
+    grads = [x.grad.numpy() for x in (q, k, v)] + ([captured.grad.numpy()] if array is not None
+                                                   else [])
+    return flex_out.numpy(), dense_out.detach().numpy(), grads
+
+
+def transformax_result(score_name: str, mask_name: str, structured: bool, jit: bool):
+    make_score, array = SCORE_MODS[score_name]
+    block_mask = MASKS[mask_name][1] if structured else None
+    mask_mod = MASKS[mask_name][0](jnp)
+    if not structured and mask_mod is not None:
+        block_mask = tfx.create_block_mask(mask_mod, B, None, L, S, BLOCK_SIZE=16)
+
+    def run(q, k, v, captured):
+        score_mod = make_score(jnp, captured)
+        return tfx.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                  enable_gqa=True)
+
+    run = jax.jit(run) if jit else run
+    captured = jnp.zeros(()) if array is None else jnp.asarray(array)
+    out, vjp = jax.vjp(run, jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V), captured)
+    grads = vjp(jnp.asarray(DOUT))
+    return np.asarray(out), [np.asarray(g) for g in grads[:3 if array is None else 4]]
+
+
+@pytest.mark.parametrize("score_name, mask_name, structured, jit", [
+    ("none", "window", True, True),
+    ("none", "documents", False, True),
+    ("none", "prefix_lm", True, False),
+    ("none", "documents_and_window", True, True),
+    ("alibi", "none", False, True),
+    ("alibi", "window", False, False),
+    ("softcap", "documents", True, True),
+    ("relative_bias", "prefix_lm", True, True),
+])
+def test_matches_torch_flex(score_name, mask_name, structured, jit):
+    flex_out, dense_out, want_grads = torch_reference(score_name, mask_name)
+    np.testing.assert_allclose(flex_out, dense_out, atol=2e-5)  # the two torch paths agree
+    out, grads = transformax_result(score_name, mask_name, structured, jit)
+    np.testing.assert_allclose(out, flex_out, atol=2e-5, rtol=2e-5)
+    for name, got, want in zip(("dq", "dk", "dv", "dcaptured"), grads, want_grads):
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got / scale, want / scale, atol=2e-5, err_msg=name)
+
+
+def test_jit_and_eager_agree_on_traced_document_ids():
+    """Block masks computed under jit from traced arrays (a packed batch's document ids)."""
+    def run(q, k, v, ids):
+        ids = jnp.asarray(ids)
+        mask = tfx.create_block_mask(lambda b, h, qi, ki: ids[b, qi] == ids[b, ki],
+                                     B, None, L, L, BLOCK_SIZE=8)
+        return tfx.flex_attention(q, k[:, :, :L], v[:, :, :L], block_mask=mask, enable_gqa=True)
+
+    args = (Q, K, V, DOCS)
+    np.testing.assert_allclose(jax.jit(run)(*args), run(*args), atol=1e-6)
+    with jax.disable_jit():
+        np.testing.assert_allclose(run(*args), jax.jit(run)(*args), atol=1e-6)
+
+
+def test_block_mask_classifies_its_tiles():
+    mask = tfx.create_block_mask(lambda b, h, q, kv: kv <= q, None, None, 40, 40, BLOCK_SIZE=16)
+    np.testing.assert_array_equal(mask.table[0, 0], [[1, 0, 0], [2, 1, 0], [2, 2, 1]])
+    np.testing.assert_array_equal(mask.to_dense(), np.tril(np.ones((40, 40), bool)))
+
+
+def test_structured_masks_are_their_dense_forms():
+    np.testing.assert_array_equal(tfx.sliding_window(6, 6, 3).to_dense(),
+                                  np.tri(6, 6, 0, bool) & ~np.tri(6, 6, -3, bool))
+    np.testing.assert_array_equal(tfx.chunked(4, 4, 2).to_dense(),
+                                  np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool)))
+    np.testing.assert_array_equal(tfx.prefix_lm(4, 4, 2).to_dense(),
+                                  np.tri(4, 4, 0, bool) | (np.arange(4) < 2))
+    padding = tfx.key_padding(np.array([[True, True, False], [True, False, False]]))
+    np.testing.assert_array_equal(padding.to_dense()[:, 0, 0], [[1, 1, 0], [1, 0, 0]])
+    cache = tfx.band(2, 5, offset=np.array([1, 3])).to_dense()
+    np.testing.assert_array_equal(cache[:, 0], [np.tri(2, 5, 1, bool), np.tri(2, 5, 3, bool)])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: tfx.sliding_window(8, 8, 0), ValueError, r"window must be an int >= 1; got 0"),
+    (lambda: tfx.band(8, 8, left=-1), ValueError, r"left must be None or an int >= 0; got -1"),
+    (lambda: tfx.document_mask(np.zeros(8, np.int32)), ValueError,
+     r"q_ids \(shape \(8,\), dtype int32\) must be an integer \(B, length\) array"),
+    (lambda: tfx.causal_upper_left(8, 8) & np.ones((8, 8), bool), TypeError,
+     r"masks combine only with masks"),
+    (lambda: tfx.create_block_mask(lambda b, h, q, kv: q >= kv, 1, 1, 8, 8, BLOCK_SIZE=0),
+     ValueError, r"BLOCK_SIZE must be an int >= 1; got 0"),
+    (lambda: tfx.flex_attention(Q, K, V, block_mask=np.ones((L, S), bool), enable_gqa=True),
+     TypeError, r"block_mask must come from tfx.create_block_mask"),
+    (lambda: tfx.flex_attention(Q, K, V, score_mod=lambda s, b, h, q, kv: jnp.stack([s, s]),
+                                enable_gqa=True), ValueError,
+     r"score_mod must return one scalar per element"),
+    (lambda: tfx.sdpa(Q, K, V, attn_mask=tfx.sliding_window(L, L, 4), enable_gqa=True),
+     ValueError, r"for key length S 32 but query/key give 48"),
+    (lambda: tfx.sdpa(Q, K, V, attn_mask=tfx.document_mask(DOCS[:1].repeat(3, 0),
+                                                           KV_DOCS[:1].repeat(3, 0)),
+                      enable_gqa=True), ValueError, r"for batch size 3 but query/key give 2"),
+])
+def test_bad_masks_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_explain_says_why_a_kernel_cannot_run_a_score_mod():
+    text = str(tfx.explain(Q, K, V, enable_gqa=True, score_mod=softcap(jnp),
+                           attn_mask=tfx.sliding_window(L, S, 8)))
+    assert "cudnn" in text and "score_mod: not supported by this kernel" in text
+    assert "needs=['key intervals', 'score_mod']" in text
