@@ -70,6 +70,25 @@ def test_rolling_cache_with_padded_rows_matches_full_logits(converted, tokens):
         np.testing.assert_allclose(step[row, 0], full[row, n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_len", [4, 10])  # a cache of 4 plain slots, of 5 rolling ones
+def test_softcapped_decoding_matches_the_full_sequence(converted, tokens, max_len):
+    """Soft-capping (through flex_attention) in the full sequence and, token by token, through
+    either cache; a small cap changes the logits."""
+    params, cfg = converted
+    capped = dataclasses.replace(cfg, attn_logit_softcapping=0.01)
+    full = np.asarray(apply(params, tokens, capped))
+    assert np.abs(full - np.asarray(apply(params, tokens, cfg))).max() > 1e-3
+    cache = llama.init_cache(capped, 2, max_len)
+    assert cache.max_len == min(max_len, WINDOW)
+    steps, cache = apply_cached(params, tokens[:, :2], capped, cache)
+    steps = [steps]
+    for i in range(2, max_len):
+        step, cache = apply_cached(params, tokens[:, i:i + 1], capped, cache)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps, 1), full[:, :max_len], atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_written_as_mistral(converted):
     config = llama.config_to_hf(converted[1])
     assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]

@@ -15,7 +15,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from transformax import nn
+from transformax import attention, nn
 from transformax.models import _common, _hf
 
 num_params = _common.num_params
@@ -98,7 +98,7 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.A
     for name, ids in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
         if ids is not None:
             _common.check_same_shape(name, ids, tokens)
-    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+    mask = None if attention_mask is None else attention.key_padding(attention_mask.astype(bool))
     policy = cfg.policy
     p = policy.cast_to_compute(params)
     rate = cfg.dropout if train else 0.0

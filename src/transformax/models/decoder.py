@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from transformax import nn
+from transformax import attention, nn
 from transformax.models import _common
 from transformax.nn import kv_cache
 
@@ -57,8 +57,8 @@ def forward(arch: Arch, params, tokens, positions, cfg, *, mask, cache=None,
     else:
         x = x + nn.embed(p[arch.position_table], positions)
     x = nn.dropout(x, rate, next(keys))
-    score_mod = None if cfg.attn_logit_softcapping is None else functools.partial(
-        softcap, cap=cfg.attn_logit_softcapping)
+    cap = cfg.attn_logit_softcapping
+    score_mod = None if cap is None else nn.softcap(cap)
     kvs = []
     for i, blk in enumerate(p["blocks"]):
         layer_cache = {} if cache is None else {
@@ -74,12 +74,6 @@ def forward(arch: Arch, params, tokens, positions, cfg, *, mask, cache=None,
     x = norm(p[arch.final_norm], x)
     logits = nn.unembed(p[arch.embed], x) if cfg.tie_embeddings else nn.linear(p["lm_head"], x)
     return policy.cast_to_output(logits), kvs
-
-
-def softcap(score, b, h, q_idx, kv_idx, *, cap: float):
-    """Gemma 2's attention-logit soft-capping as a ``score_mod``: ``cap * tanh(score / cap)``."""
-    del b, h, q_idx, kv_idx
-    return cap * jnp.tanh(score / cap)
 
 
 def apply(arch: Arch, params, tokens: jax.Array, cfg, *, attention_mask=None,
@@ -102,16 +96,16 @@ def apply(arch: Arch, params, tokens: jax.Array, cfg, *, attention_mask=None,
 
 def _self_mask(t: int, window: int | None, attention_mask, document_ids):
     """Causal self-attention over ``t`` tokens (within ``window``), keys masked by padding and
-    documents; ``None`` for plain causal (``sdpa``'s ``is_causal`` fast path)."""
+    documents, as a structured mask (kernels skip the blocks it hides); ``None`` for plain
+    causal (``sdpa``'s ``is_causal``)."""
     if window is None and attention_mask is None and document_ids is None:
         return None
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    mask = (j <= i) if window is None else (j <= i) & (i - j < window)
-    mask = mask[None, None]
+    mask = (attention.causal_upper_left(t, t) if window is None
+            else attention.sliding_window(t, t, window))
     if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        mask = mask & attention.key_padding(attention_mask.astype(bool))
     if document_ids is not None:
-        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+        mask = mask & attention.document_mask(document_ids)
     return mask
 
 
@@ -156,7 +150,8 @@ def apply_cached(arch: Arch, params, tokens: jax.Array, cfg, cache: kv_cache.KVC
         mask = kv_cache.rolling_mask(cache.pos, t, cache.max_len)
         update = functools.partial(kv_cache.roll, lengths=advance)
     else:
-        mask, update = kv_cache.cache_mask(cache.pos, t, cache.max_len), kv_cache.append
+        mask = attention.band(t, cache.max_len, left=None, right=0, offset=cache.pos)
+        update = kv_cache.append
     logits, kvs = forward(arch, params, tokens, positions, cfg, mask=mask, cache=cache,
                           cache_update=update)
     return logits, kv_cache.KVCache(tuple(k for k, _ in kvs), tuple(v for _, v in kvs),

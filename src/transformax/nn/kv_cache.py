@@ -7,10 +7,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from transformax import attention
+
 
 class KVCache(NamedTuple):
     """Per layer keys and values ``(B, Hkv, max_len, head_dim)``; ``pos (B,)`` int32 counts the
-    tokens already in each row (the next token of row ``b`` goes to slot ``pos[b]``)."""
+    tokens already in each row (the next token of row ``b`` goes to slot ``pos[b]``, or
+    ``pos[b] % max_len`` in a rolling cache, see :func:`roll`)."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -38,7 +41,8 @@ def write(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
 
 def append(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, pos: jax.Array):
     """``(keys, values, cache)``: ``k``, ``v (B, Hkv, T, E)`` written into ``cache`` at slots
-    ``pos[b]..``; attention runs over the whole cache (mask: :func:`cache_mask`)."""
+    ``pos[b]..``; attention runs over the whole cache (mask: ``tfx.band(T, max_len, left=None,
+    right=0, offset=pos)``)."""
     cache = (write(cache[0], k, pos), write(cache[1], v, pos))
     return (*cache, cache)
 
@@ -64,8 +68,8 @@ def roll(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, pos: ja
             (rolled(cache[0], k), rolled(cache[1], v)))
 
 
-def rolling_mask(pos: jax.Array, q_len: int, window: int) -> jax.Array:
-    """Bool ``(B, 1, q_len, window + q_len)`` for :func:`roll`: query ``i`` of row ``b``
+def rolling_mask(pos: jax.Array, q_len: int, window: int) -> attention.Mask:
+    """The mask for :func:`roll`, ``(B, 1, q_len, window + q_len)``: query ``i`` of row ``b``
     (position ``pos[b] + i``) sees the keys at positions ``q - window < p <= q`` among the
     ``window`` slots (slot ``s`` holds the latest position ``< pos[b]`` that is ``s`` mod
     ``window``, if any) and the new keys."""
@@ -73,13 +77,10 @@ def rolling_mask(pos: jax.Array, q_len: int, window: int) -> jax.Array:
     old = last - jnp.mod(last - jnp.arange(window)[None], window)  # -ve: never written
     new = pos[:, None] + jnp.arange(q_len)[None]
     keys = jnp.concatenate([jnp.where(old >= 0, old, -(window + q_len) - 1), new], axis=1)
-    q = new[:, :, None]
-    return ((keys[:, None, :] <= q) & (keys[:, None, :] > q - window))[:, None]
 
+    def visible(b, h, q_idx, kv_idx):
+        del h
+        q = new[b, q_idx]
+        return (keys[b, kv_idx] <= q) & (keys[b, kv_idx] > q - window)
 
-def cache_mask(pos: jax.Array, q_len: int, max_len: int) -> jax.Array:
-    """Bool ``(B, 1, q_len, max_len)``: query ``i`` of row ``b`` (absolute position
-    ``pos[b] + i``) may attend to slots ``0 .. pos[b] + i``. Each row is a bottom-right aligned
-    causal mask over its own filled prefix; slots not written yet are never visible."""
-    q_pos = pos[:, None] + jnp.arange(q_len, dtype=pos.dtype)
-    return (jnp.arange(max_len, dtype=pos.dtype) <= q_pos[:, :, None])[:, None]
+    return attention.create_block_mask(visible, pos.shape[0], None, q_len, window + q_len)

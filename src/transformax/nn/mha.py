@@ -16,6 +16,15 @@ from transformax.nn.rope import apply_rope
 ROLES = {"qkv": IN_PROJ, "out": OUT_PROJ}  # attention_init's linears
 
 
+def softcap(cap: float):
+    """Gemma 2's attention-logit soft-capping as a ``score_mod``: ``cap * tanh(score / cap)``."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        del b, h, q_idx, kv_idx
+        return cap * jnp.tanh(score / cap)
+
+    return score_mod
+
+
 def attention_init(key, dim: int, n_head: int, n_kv_head: int, head_dim: int, *,
                    bias: bool = True, std: float = 0.02, proj_std: float | None = None,
                    dtype=jnp.float32) -> dict:
