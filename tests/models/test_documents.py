@@ -43,11 +43,7 @@ def test_a_document_is_computed_as_if_alone(name, tokens):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_jit_parity(tokens, eager):
-    module, params, cfg, apply = built("llama")
-    np.testing.assert_allclose(apply(params, tokens, cfg, document_ids=IDS),
-                               eager(module.apply, params, tokens, cfg, document_ids=IDS),
-                               atol=1e-5, rtol=1e-5)
+def test_document_positions(eager):
     np.testing.assert_array_equal(jax.jit(decoder.document_positions)(IDS),
                                   eager(decoder.document_positions, IDS))
     np.testing.assert_array_equal(decoder.document_positions(IDS)[0],

@@ -70,16 +70,16 @@ def test_rolling_cache_with_padded_rows_matches_full_logits(converted, tokens):
         np.testing.assert_allclose(step[row, 0], full[row, n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("max_len", [4, 10])  # a cache of 4 plain slots, of 5 rolling ones
-def test_softcapped_decoding_matches_the_full_sequence(converted, tokens, max_len):
+def test_softcapped_decoding_matches_the_full_sequence(converted, tokens):
     """Soft-capping (through flex_attention) in the full sequence and, token by token, through
-    either cache; a small cap changes the logits."""
+    the rolling cache; a small cap changes the logits."""
     params, cfg = converted
     capped = dataclasses.replace(cfg, attn_logit_softcapping=0.01)
     full = np.asarray(apply(params, tokens, capped))
     assert np.abs(full - np.asarray(apply(params, tokens, cfg))).max() > 1e-3
+    max_len = 10
     cache = llama.init_cache(capped, 2, max_len)
-    assert cache.max_len == min(max_len, WINDOW)
+    assert cache.max_len == WINDOW
     steps, cache = apply_cached(params, tokens[:, :2], capped, cache)
     steps = [steps]
     for i in range(2, max_len):
@@ -93,6 +93,18 @@ def test_written_as_mistral(converted):
     config = llama.config_to_hf(converted[1])
     assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
     assert transformers.MistralConfig(**config).sliding_window == WINDOW
+
+
+def test_write_and_cache_errors(converted, tokens):
+    params, cfg = converted
+    with pytest.raises(ValueError, match="to_hf: attn_logit_softcapping has no Hugging Face"):
+        llama.config_to_hf(dataclasses.replace(cfg, attn_logit_softcapping=30.0))
+    with pytest.raises(ValueError, match="written as Mistral, which has no attention_bias"):
+        llama.config_to_hf(dataclasses.replace(cfg, attention_bias=True))
+    full = llama.init_cache(cfg, 2, 32)._replace(pos=np.array([30, 2], np.int32))
+    with pytest.raises(ValueError, match="3 tokens do not fit the cache: a row already holds 30 "
+                                         "of its max_seq_len=32 positions"):
+        llama.apply_cached(params, tokens[:, :3], cfg, full)  # rolling: the model's positions
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -40,11 +40,40 @@ def test_self_attention_gqa_matches_reference():
     np.testing.assert_allclose(y, reference(PARAMS, X, 4, 2), atol=1e-5)
 
 
+def gemma2_attention(params, x, cap):
+    """Hugging Face's Gemma 2 attention layer (eager; identity rotation, scale 1/sqrt(8))
+    holding ``params``, causal over ``x``."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+
+    cfg = transformers.Gemma2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=8, query_pre_attn_scalar=8, attention_bias=True,
+                                    attn_logit_softcapping=cap, num_hidden_layers=1,
+                                    layer_types=["full_attention"])
+    cfg._attn_implementation = "eager"
+    layer = Gemma2Attention(cfg, layer_idx=0).eval()
+    w, b = (np.asarray(params["qkv"][k]) for k in ("w", "b"))
+    with torch.no_grad():
+        for proj, wi, bi in zip((layer.q_proj, layer.k_proj, layer.v_proj),
+                                np.split(w, [32, 48], 1), np.split(b, [32, 48])):
+            proj.weight.copy_(torch.tensor(wi.T))
+            proj.bias.copy_(torch.tensor(bi))
+        layer.o_proj.weight.copy_(torch.tensor(np.asarray(params["out"]["w"]).T))
+        layer.o_proj.bias.copy_(torch.tensor(np.asarray(params["out"]["b"])))
+        t = x.shape[1]
+        causal = torch.triu(torch.full((t, t), -torch.inf), 1)[None, None]
+        y, _ = layer(torch.tensor(np.asarray(x)), (torch.ones(1, t, 8), torch.zeros(1, t, 8)),
+                     causal)
+    return y.numpy()
+
+
 def test_softcapped_self_attention_matches_reference():
     params = jax.tree.map(lambda w: 8 * w, PARAMS)  # scores of order 1, which a cap of 0.3 bends
     y, _ = jax.jit(lambda x: nn.self_attention(params, x, n_head=4, n_kv_head=2, is_causal=True,
                                                score_mod=nn.softcap(0.3)))(X)
     np.testing.assert_allclose(y, reference(params, X, 4, 2, cap=0.3), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y, gemma2_attention(params, X, 0.3), atol=1e-5, rtol=1e-5)
     assert np.abs(y - reference(params, X, 4, 2)).max() > 0.1
     with pytest.raises(ValueError, match="a score_mod \\(flex_attention\\) has no attention "
                                          "dropout; got dropout_rate=0.1"):
@@ -77,21 +106,31 @@ def test_cached_self_attention_matches_full():
 
 
 def test_rolling_cache_keeps_the_last_window_of_real_tokens():
-    buf = jnp.zeros((2, 1, 4, 1))  # a window of 4 slots
+    buf = jnp.broadcast_to(jnp.arange(10.0, 14.0)[None, None, :, None], (2, 1, 4, 1))  # 4 slots
     new = jnp.broadcast_to(jnp.arange(1.0, 7.0)[None, None, :, None], (2, 1, 6, 1))  # t + 1
     pos, lengths = jnp.array([0, 3]), jnp.array([6, 2])
-    keys, _, (rolled, _) = kv_cache.roll((buf, buf), new, new, pos, lengths=lengths)
-    assert keys.shape == (2, 1, 10, 1)
+
+    def rolled(pos, lengths):
+        keys, _, (cache, _) = kv_cache.roll((buf, buf), new, new, pos, lengths=lengths)
+        return keys, cache, kv_cache.rolling_mask(pos, 6, 4).to_dense()
+
+    keys, cache, mask = jax.jit(rolled)(pos, lengths)
+    with jax.disable_jit():
+        for a, b in zip((keys, cache, mask), rolled(pos, lengths)):
+            np.testing.assert_array_equal(a, b)
+    # the slots in position order (row 1 at position 3: slots 3, 0, 1, 2), then the new keys
+    np.testing.assert_array_equal(keys[:, 0, :, 0], [[10, 11, 12, 13, 1, 2, 3, 4, 5, 6],
+                                                     [13, 10, 11, 12, 1, 2, 3, 4, 5, 6]])
     # row 0: positions 0..5, the last four (2..5) in slots 2, 3, 0, 1; row 1: positions 3, 4
     # (its two real tokens) in slots 3 and 0
-    np.testing.assert_array_equal(rolled[:, 0, :, 0], [[5, 6, 3, 4], [2, 0, 0, 1]])
-    mask = kv_cache.rolling_mask(pos, 6, 4).to_dense()
+    np.testing.assert_array_equal(cache[:, 0, :, 0], [[5, 6, 3, 4], [2, 11, 12, 1]])
     assert mask.shape == (2, 1, 6, 10)
-    # row 1 at position 3: slots 0..2 hold positions 0..2, slot 3 nothing yet
-    np.testing.assert_array_equal(mask[1, 0, 0], [1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(mask[1, 0, 1], [0, 1, 1, 0, 1, 1, 0, 0, 0, 0])
+    # row 1: keys at positions -1 (never written), 0, 1, 2, then 3..8; position 3 sees 0..3
+    np.testing.assert_array_equal(mask[1, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[1, 0, 1], [0, 0, 1, 1, 1, 1, 0, 0, 0, 0])
     # row 0: an empty cache; position 5 sees positions 2..5
     np.testing.assert_array_equal(mask[0, 0, 5], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(mask[0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("name, fn", [
@@ -103,11 +142,6 @@ def test_rolling_cache_keeps_the_last_window_of_real_tokens():
         PARAMS, x, n_head=4, n_kv_head=2, mask=tfx.band(6, 8, offset=jnp.array([0, 2])),
         cache=(jnp.zeros((2, 2, 8, 8)),) * 2, cache_pos=jnp.array([0, 2]))[1][0]),
     ("init", lambda x: nn.init_cache(2, 2, 2, 8, 4).keys[1] + x.sum()),
-    ("roll", lambda x: kv_cache.roll((x[:, None, :4, :8],) * 2, x[:, None, :, 8:16],
-                                     x[:, None, :, 16:24], jnp.array([3, 9]),
-                                     lengths=jnp.array([6, 2]))[2][0]),
-    ("rolling_mask", lambda x: kv_cache.rolling_mask(jnp.array([3, 9]), 6, 4).to_dense()
-     * x.sum()),
 ])
 def test_jit_parity(name, fn):
     with jax.disable_jit():

@@ -3,9 +3,10 @@ self-attention and an MLP with residual adds, a final norm, an output head.
 
 A model module names what differs in an :class:`Arch` (parameter names, the norm, the MLP,
 learned positions or RoPE); the numbers come from its ``Config``, which provides the decoder
-contract: ``vocab_size``, ``n_layer``, ``n_head``, ``n_kv_head``, ``head_dim``, ``max_len``,
-``norm_eps``, ``dropout``, ``tie_embeddings``, ``sliding_window``, ``attn_logit_softcapping``,
-``policy`` and, for RoPE, ``rope_theta`` and ``rope_scaling``.
+contract: ``vocab_size``, ``n_layer``, ``n_head``, ``n_kv_head``, ``head_dim``, ``max_len``
+(and ``max_len_field``, the field users set, for messages), ``norm_eps``, ``dropout``,
+``tie_embeddings``, ``sliding_window``, ``attn_logit_softcapping``, ``policy`` and, for RoPE,
+``rope_theta`` and ``rope_scaling``.
 """
 
 from __future__ import annotations

@@ -50,37 +50,33 @@ def append(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, pos: 
 def roll(cache: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, pos: jax.Array, *,
          lengths: jax.Array):
     """``(keys, values, cache)`` for a rolling cache of ``W`` slots, position ``p`` in slot
-    ``p % W``: attention runs over the ``W`` old slots then the ``T`` new keys (mask:
-    :func:`rolling_mask`), and the last ``min(lengths[b], W)`` of the new keys and values of
-    row ``b`` (its real tokens) replace the slots of their positions."""
+    ``p % W``: attention runs over the ``W`` slots in position order (positions
+    ``pos[b] - W ..``) then the ``T`` new keys (mask: :func:`rolling_mask`), and the last
+    ``min(lengths[b], W)`` of the new keys and values of row ``b`` (its real tokens) replace
+    the slots of their positions."""
     w, t = cache[0].shape[2], k.shape[2]
+    in_order = jnp.mod(pos[:, None] + jnp.arange(w)[None], w)[:, None, :, None]
     # slot s takes the new token n - W + ((s - pos - n) mod W) when that is >= 0
     src = (lengths[:, None] - w
            + jnp.mod(jnp.arange(w)[None] - pos[:, None] - lengths[:, None], w))
     take = jnp.clip(src, 0, t - 1)[:, None, :, None]
 
+    def attended(buf, new):
+        return jnp.concatenate([jnp.take_along_axis(buf, in_order, axis=2),
+                                new.astype(buf.dtype)], axis=2)
+
     def rolled(buf, new):
         new = jnp.take_along_axis(new.astype(buf.dtype), take, axis=2)
         return jnp.where((src >= 0)[:, None, :, None], new, buf)
 
-    return (jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=2),
-            jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=2),
+    return (attended(cache[0], k), attended(cache[1], v),
             (rolled(cache[0], k), rolled(cache[1], v)))
 
 
 def rolling_mask(pos: jax.Array, q_len: int, window: int) -> attention.Mask:
-    """The mask for :func:`roll`, ``(B, 1, q_len, window + q_len)``: query ``i`` of row ``b``
-    (position ``pos[b] + i``) sees the keys at positions ``q - window < p <= q`` among the
-    ``window`` slots (slot ``s`` holds the latest position ``< pos[b]`` that is ``s`` mod
-    ``window``, if any) and the new keys."""
-    last = pos[:, None] - 1
-    old = last - jnp.mod(last - jnp.arange(window)[None], window)  # -ve: never written
-    new = pos[:, None] + jnp.arange(q_len)[None]
-    keys = jnp.concatenate([jnp.where(old >= 0, old, -(window + q_len) - 1), new], axis=1)
-
-    def visible(b, h, q_idx, kv_idx):
-        del h
-        q = new[b, q_idx]
-        return (keys[b, kv_idx] <= q) & (keys[b, kv_idx] > q - window)
-
-    return attention.create_block_mask(visible, pos.shape[0], None, q_len, window + q_len)
+    """The structured mask for :func:`roll`'s ``window + q_len`` keys (positions
+    ``pos[b] - window + j``): query ``i`` (position ``pos[b] + i``) sees keys ``i + 1 .. i +
+    window``, those of negative position (never written) hidden."""
+    written = jnp.arange(window + q_len)[None] >= window - pos[:, None]
+    return (attention.band(q_len, window + q_len, left=window - 1, right=0, offset=window)
+            & attention.key_padding(written))
