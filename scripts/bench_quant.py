@@ -233,7 +233,9 @@ def decode_bench(args) -> list[dict]:
     params = jax.jit(gpt.init, static_argnums=1)(jax.random.key(0), cfg)
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 8)), jnp.int32)
     variants = {"f32": params, **{r: quant.quantize(params, r)
-                                  for r in ("int8-weight", "int8-dynamic")},
+                                  for r in ("int8-weight", "int4-weight", "int8-dynamic")},
+                "int8-weight + int8 wte (tied head)": quant.quantize(
+                    params, quant.Recipe(embeddings=("wte",))),
                 "int8-dynamic + int8 wte (tied head)": quant.quantize(
                     params, quant.Recipe(activations="dynamic", embeddings=("wte",)))}
     runs, tokens, compile_s = {}, {}, {}

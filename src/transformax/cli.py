@@ -227,7 +227,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=_number(int, 1, "an integer >= 1"), default=1,
                         help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantize", choices=("int8-weight", "int8-dynamic", "int8-static"),
+    parser.add_argument("--quantize", choices=("int8-weight", "int8-dynamic", "int8-static",
+                                               "int4-weight"),
                         help="run the linear layers in int8 (transformax.quant recipe; "
                              "int8-static calibrates on 4 batches of the run's own training "
                              "data, or of the standard-library corpus for a model folder)")

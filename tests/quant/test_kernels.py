@@ -28,6 +28,8 @@ RECIPES = {
     "dynamic-wtensor": quant.Recipe(activations="dynamic", weight_granularity="tensor"),
     "weight": quant.Recipe(),
     "weight-group": quant.Recipe(weight_granularity="group", group_size=16),
+    "int4": quant.Recipe(bits=4, weight_granularity="group", group_size=16),
+    "int4-channel": quant.Recipe(bits=4),
 }
 
 
@@ -84,8 +86,8 @@ def test_every_kernel_matches_dequantize_then_matmul(name, monkeypatch):
     assert quant.Kernel.DEQUANT in kernels
     integer = recipe.weight_granularity != "group"
     assert (quant.Kernel.XLA_INT8 in kernels) == (recipe.activations != "none" and integer)
-    assert (quant.Kernel.XLA_INT8X2 in kernels) == (recipe.activations == "none" and integer)
-    assert (quant.Kernel.PALLAS_TRITON in kernels) == integer
+    assert (quant.Kernel.XLA_INT8X2 in kernels) == (recipe.activations == "none")
+    assert (quant.Kernel.PALLAS_TRITON in kernels) == (integer and recipe.bits == 8)
     ref = reference(recipe, qparams["w"])
     for k in kernels:
         with quant.kernel([k]):

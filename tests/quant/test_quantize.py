@@ -9,6 +9,7 @@ import torch
 from transformax import nn, quant
 
 K, N = 64, 48
+INT4 = quant.Recipe(bits=4, weight_granularity="group", group_size=16)
 
 
 def layer(seed=0, k=K, n=N):
@@ -33,6 +34,22 @@ def test_round_trip_within_half_a_step(granularity):
     assert np.all(err <= step / 2 * (1 + 1e-6))
     assert np.abs(np.asarray(qw.values)).max() == 127
     assert qw.values.dtype == jnp.int8 and qw.granularity == granularity
+
+
+def test_int4_two_values_a_byte():
+    """Packed int4 against NumPy: symmetric [-7, 7] per group of 16 rows, row 2i in the low
+    nibble of byte i, row 2i + 1 in the high one; within half a step of the weight."""
+    params = layer(3)
+    qw = qw_of(params, INT4)
+    w = np.asarray(params["w"]).reshape(K // 16, 16, N)
+    step = np.abs(w).max(1, keepdims=True) / 7
+    expected = np.clip(np.round(w / step), -7, 7).reshape(K, N)
+    packed = np.asarray(qw.values)
+    assert packed.dtype == np.int8 and packed.shape == (K // 2, N) and qw.shape == (K, N)
+    low, high = ((packed & 0xF) ^ 8) - 8, packed >> 4
+    np.testing.assert_array_equal(np.stack([low, high], 1).reshape(K, N), expected)
+    err = np.abs(np.asarray(qw.dequantize()) - np.asarray(params["w"])).reshape(w.shape)
+    assert np.all(err <= step / 2 * (1 + 1e-6))
 
 
 def test_values_match_torch_per_channel_quantization():
@@ -83,11 +100,12 @@ def test_any_pytree_skip_and_layers():
     assert [x["w"].name for x in bare] == ["0", "1"]
 
 
-def test_quantize_jit_matches_eager():
+@pytest.mark.parametrize("recipe", ["int8-dynamic", INT4])
+def test_quantize_jit_matches_eager(recipe):
     params = layer(4)
-    a = jax.jit(lambda p: quant.quantize(p, "int8-dynamic"))(params)
+    a = jax.jit(lambda p: quant.quantize(p, recipe))(params)
     with jax.disable_jit():
-        b = quant.quantize(params, "int8-dynamic")
+        b = quant.quantize(params, recipe)
         b_back = quant.dequantize(b)["w"]
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -122,6 +140,9 @@ def test_bad_recipe_names(recipe, message):
     ({"activations": "static", "act_granularity": "token"}, "act_granularity='token'"),
     ({"group_size": 0}, "group_size=0"),
     ({"percentile": 20.0}, "percentile=20.0"),
+    ({"bits": 3}, "bits=3"),
+    ({"bits": 4, "activations": "dynamic"}, "bits=4: int4 weights are weight-only"),
+    ({"bits": 4, "embeddings": ("wte",)}, "embedding tables are int8"),
 ])
 def test_bad_recipe_fields(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -148,6 +169,9 @@ def test_unsupported_weights_name_the_layer():
     with pytest.raises(ValueError, match=r"layer 'fc': group_size=48 does not divide its 64 "
                                          r"input features"):
         quant.quantize({"fc": layer()}, quant.Recipe(weight_granularity="group", group_size=48))
+    with pytest.raises(ValueError, match=r"layer 'fc': int4 packs two input rows per byte, so "
+                                         r"it needs an even number of input features"):
+        quant.quantize({"fc": layer(k=5)}, quant.Recipe(bits=4))
     with pytest.raises(ValueError, match="layer 'fc' is already quantized"):
         quant.quantize(quant.quantize({"fc": layer()}, "int8-weight"), "int8-weight")
     with pytest.raises(ValueError, match="params has no nn.linear layers"):

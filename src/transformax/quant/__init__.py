@@ -1,6 +1,6 @@
-"""Int8 quantization: ``quantize`` a parameter pytree with a recipe, and every ``nn.linear`` on
-a quantized weight runs an int8 matmul kernel chosen per platform (``explain`` says which and
-why; ``kernel([...])`` restricts the choice).
+"""Int8 (and weight-only packed int4) quantization: ``quantize`` a parameter pytree with a
+recipe, and every ``nn.linear`` on a quantized weight runs a matmul kernel chosen per platform
+(``explain`` says which and why; ``kernel([...])`` restricts the choice).
 
     from transformax import quant
     qparams = quant.quantize(params, "int8-dynamic")

@@ -50,7 +50,7 @@ def folder_calibration(path: str | Path, module, cfg, tokenizer=None, *, batches
                          f"int8-dynamic)")
     else:
         data, seed = config_lib.DataConfig(), 0
-        length = min(MAX_LEN, getattr(cfg, "block_size", None) or cfg.max_seq_len)
+        length = min(MAX_LEN, cfg.max_len)
     stream = data_lib.load_corpus(data).train
     encode = None if tokenizer is None else tokenizer.encode
     tokens = _windows(stream, encode, batches * rows, length, seed).reshape(batches, rows, -1)

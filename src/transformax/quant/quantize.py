@@ -48,9 +48,10 @@ def _check_weight(name: str, w, what: str = "layer", layout: str = "(in, out) we
 def quantize(params, recipe: str | Recipe, *, calibration=None, skip=()):
     """``params`` with the weight of every ``nn.linear`` layer (a ``{"w"[, "b"]}`` dict) whose
     dotted path matches ``recipe.layers`` and no ``skip`` glob replaced by a
-    :class:`QuantizedWeight`. ``recipe``: "int8-weight", "int8-dynamic", "int8-static" or a
-    :class:`Recipe`. "int8-static" needs ``calibration=(fn, batches)``: ``fn(params, batch)``
-    runs the model; the layers' input ranges over the batches fix the activation scales.
+    :class:`QuantizedWeight`. ``recipe``: "int8-weight", "int8-dynamic", "int8-static",
+    "int4-weight" (groups of 128 input rows, two values a byte) or a :class:`Recipe`.
+    "int8-static" needs ``calibration=(fn, batches)``: ``fn(params, batch)`` runs the model;
+    the layers' input ranges over the batches fix the activation scales.
     Embedding tables named by ``recipe.embeddings`` become :class:`QuantizedTable` s."""
     recipe = as_recipe(recipe)
     layers = find_layers(params)
@@ -71,11 +72,13 @@ def quantize(params, recipe: str | Recipe, *, calibration=None, skip=()):
         w = layer["w"]
         act_scale, act_zero = static.get(name, (None, None))
         qw = QuantizedWeight(**quantize_weight(w, granularity=recipe.weight_granularity,
-                                               group_size=recipe.group_size, name=name),
+                                               group_size=recipe.group_size, name=name,
+                                               bits=recipe.bits),
                              act_scale=act_scale, act_zero=act_zero, name=name,
                              activations=recipe.activations,
                              act_granularity=recipe.act_granularity,
-                             act_symmetric=recipe.act_symmetric, dtype=str(w.dtype))
+                             act_symmetric=recipe.act_symmetric, dtype=str(w.dtype),
+                             bits=recipe.bits)
         return {**layer, "w": qw}
 
     return _quantize_tables(map_layers(convert, params), recipe)

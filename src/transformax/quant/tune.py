@@ -14,7 +14,7 @@ import numpy as np
 
 from transformax import host, tuning
 from transformax.quant.problem import Problem
-from transformax.quant.qweight import QuantizedWeight
+from transformax.quant.qweight import INT4_MAX, INT8_MAX, QuantizedWeight, pack_int4
 
 NAME = "quant_matmul"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -32,7 +32,8 @@ def problem_class(p: Problem) -> str:
     """What a choice is keyed by (besides host): dtype, recipe layout, K, N and M's power-of-two
     bucket."""
     m = min(1 << max(p.m - 1, 0).bit_length(), 4096)
-    return (f"{p.dtype}/{p.activations}/{p.weight_granularity}/{p.act_granularity}/"
+    return (f"{p.dtype}/int{p.bits}/{p.activations}/{p.weight_granularity}{p.groups}/"
+            f"{p.act_granularity}/"
             f"{'sym' if p.act_symmetric else 'asym'}/M{m}/K{p.k}/N{p.n}")
 
 
@@ -62,13 +63,17 @@ def example_operands(p: Problem):
     problem's layout (static: activation scale 1/127, zero point 0 when asymmetric)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((p.m, p.k)), p.dtype)
-    values = jnp.asarray(rng.integers(-127, 128, (p.k, p.n)), jnp.int8)
-    scale = jnp.full((1, 1 if p.weight_granularity == "tensor" else p.n), 0.01, jnp.float32)
+    qmax = INT4_MAX if p.bits == 4 else INT8_MAX
+    values = jnp.asarray(rng.integers(-qmax, qmax + 1, (p.k, p.n)), jnp.int8)
+    scale = jnp.full((p.groups, 1 if p.weight_granularity == "tensor" else p.n), 0.01,
+                     jnp.float32)
     static = p.activations == "static"
-    qw = QuantizedWeight(values, scale, act_scale=jnp.float32(1 / 127) if static else None,
+    qw = QuantizedWeight(pack_int4(values) if p.bits == 4 else values, scale,
+                         act_scale=jnp.float32(1 / 127) if static else None,
                          act_zero=jnp.int32(0) if static and not p.act_symmetric else None,
                          name=p.name, activations=p.activations,
-                         act_granularity=p.act_granularity, act_symmetric=p.act_symmetric)
+                         act_granularity=p.act_granularity, act_symmetric=p.act_symmetric,
+                         bits=p.bits)
     return x, qw
 
 

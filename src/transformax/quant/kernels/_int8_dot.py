@@ -9,15 +9,16 @@ GROUPED = "grouped weight scales (per-channel and per-tensor only)"
 
 
 def reasons_unsupported(problem: Problem, *, activations_: str = "int8") -> list[str]:
-    """Why a kernel for per-channel / per-tensor weights and ``activations_`` ("int8": dynamic
-    or static int8 activations, "float": weight-only, "any") cannot run ``problem``."""
+    """Why a kernel for ``activations_`` ("int8": dynamic or static int8 activations, "float":
+    weight-only, with grouped weights too; "any": either, per-channel / per-tensor weights)
+    cannot run ``problem``."""
     reasons = []
     weight_only = problem.activations == "none"
     if activations_ == "int8" and weight_only:
         reasons.append("weight-only recipe: the activations are not int8")
     if activations_ == "float" and not weight_only:
         reasons.append("int8 activations: xla_int8 multiplies them in one pass")
-    if problem.weight_granularity == "group":
+    elif activations_ != "float" and problem.weight_granularity == "group":
         reasons.append(GROUPED)
     return reasons
 

@@ -69,6 +69,8 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
         reasons.append(f"x dtype {problem.dtype} is not supported ({', '.join(DTYPES)})")
     if problem.weight_granularity == "group":
         reasons.append(_int8_dot.GROUPED)
+    if problem.bits == 4:
+        reasons.append("packed int4 weights (int8 only)")
     capability = pc.cuda_capability() if platform == "cuda" else None
     if capability is not None and capability < (8, 0):
         reasons.append(f"needs an sm80+ GPU for int8 tensor cores (found "

@@ -24,5 +24,5 @@ def _dot(xq, wq):
 
 def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     if problem.activations == "none":
-        return _dot(x, qw.values) * qw.scale[0]
+        return _dot(x, qw.int8_values()) * qw.scale[0]
     return _int8_dot.matmul(_dot, x, qw)
