@@ -5,6 +5,13 @@ implementation once per round, so machine noise hits all alike), medians.
     python scripts/bench_attention.py                      # L = 512 (B=4) .. 8192, causal and full
     python scripts/bench_attention.py --lengths 2048 --kv-heads 2 --dim 128   # GQA, E=128
     python scripts/bench_attention.py --gpu ...            # the GPU sweep (bench_attention_gpu.py)
+    python scripts/bench_attention.py --masks --lengths 4096 --window 512 --docs 8
+    python scripts/bench_attention.py --masks --lengths 32768 --heads 2 --window 4096 --rounds 3
+
+``--masks`` times structured masks instead: causal, a sliding window and causal documents, each
+through tfx.sdpa (auto, xla_flash) and torch's compiled ``flex_attention`` with the same mask
+(forward only: it has no CPU backward), with each time's ratio to the same implementation's
+causal time and to torch flex's.
 
 Prints the host (CPU model, ISA, cache sizes, cores, versions, ISA-limiting variables) and a
 table of each implementation's time and its ratio to torch; writes JSON and a PNG to --out.
@@ -16,6 +23,7 @@ ATEN_CPU_CAPABILITY).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -95,6 +103,81 @@ def implementations(causal: bool, gqa: bool):
     }
 
 
+def mask_cases(length: int, window: int, docs: int) -> dict:
+    """name -> (tfx.sdpa keyword arguments, torch mask_mod or None for is_causal)."""
+    import torch
+
+    import transformax as tfx
+    ids = np.repeat(np.arange(docs), -(-length // docs))[:length]
+    torch_ids = torch.tensor(ids)
+    return {
+        "causal": (dict(is_causal=True), lambda b, h, q_idx, kv_idx: q_idx >= kv_idx),
+        f"window {window}": (
+            dict(attn_mask=tfx.sliding_window(length, length, window)),
+            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)),
+        f"{docs} docs causal": (
+            dict(attn_mask=tfx.document_mask(ids[None]) & tfx.causal_upper_left(length, length)),
+            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx)
+            & (torch_ids[q_idx] == torch_ids[kv_idx])),
+    }
+
+
+def torch_flex_callable(torch, q, k, v, mask_mod):
+    """torch.compile(flex_attention) with ``mask_mod``'s block mask, forward only."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    tq, tk, tv = (torch.tensor(np.asarray(x)) for x in (q, k, v))
+    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device="cpu")
+    flex = torch.compile(flex_attention, dynamic=False)  # dynamic: a C++ compile error
+
+    def run():
+        with torch.no_grad():
+            flex(tq, tk, tv, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    start = time.perf_counter()
+    run()
+    return run, time.perf_counter() - start
+
+
+def run_masks(args, q, k, v, rows):
+    """The ``--masks`` table for one length: every case and implementation in the same
+    interleaved rounds per pass."""
+    import torch
+
+    import transformax as tfx
+    length = q.shape[2]
+    cases = mask_cases(length, args.window, args.docs)
+    backends = {"tfx auto": None, "tfx xla_flash": tfx.Backend.XLA_FLASH}
+
+    def attend_with(kwargs, backend):
+        def attend(q, k, v):
+            with tfx.sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                return tfx.sdpa(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+        return attend
+
+    for backward in (False,) if args.no_backward else (False, True):
+        runs, compile_s = {}, {}
+        for case, (kwargs, mask_mod) in cases.items():
+            for impl, backend in backends.items():
+                if impl not in args.skip:
+                    runs[(case, impl)], compile_s[(case, impl)] = jax_callable(
+                        attend_with(kwargs, backend), q, k, v, backward)
+            if not backward and "torch flex" not in args.skip:
+                runs[(case, "torch flex")], compile_s[(case, "torch flex")] = (
+                    torch_flex_callable(torch, q, k, v, mask_mod))
+        medians = interleaved_medians(runs, args.rounds)
+        for (case, impl), seconds in medians.items():
+            flex = medians.get((case, "torch flex"))
+            row = {"B": q.shape[0], "L": length, "mask": case,
+                   "pass": "fwd+bwd" if backward else "fwd", "impl": impl, "ms": seconds * 1e3,
+                   "ratio_to_causal": seconds / medians[("causal", impl)],
+                   "ratio_to_torch_flex": seconds / flex if flex else None,
+                   "compile_s": compile_s[(case, impl)]}
+            rows.append(row)
+            to_flex = "" if flex is None else f"{row['ratio_to_torch_flex']:.2f}"
+            print(f"{row['B']:>2} {length:>6} {case:<16} {row['pass']:>8} {impl:<14} "
+                  f"{row['ms']:>9.1f} {row['ratio_to_causal']:>8.2f} {to_flex:>8} "
+                  f"{row['compile_s']:>9.2f}", flush=True)
+
+
 def attention_flops(batch, heads, length, dim, causal, backward) -> float:
     flops = 4.0 * batch * heads * length * length * dim
     flops = flops / 2 if causal else flops
@@ -123,6 +206,10 @@ def main(argv=None):
     parser.add_argument("--max-materialised-gib", type=float, default=4.0,
                         help="skip kernels that materialise scores larger than this")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--masks", action="store_true",
+                        help="time structured masks (causal, window, documents) instead")
+    parser.add_argument("--window", type=int, default=512, help="--masks: sliding window")
+    parser.add_argument("--docs", type=int, default=8, help="--masks: documents per sequence")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     argv = sys.argv[1:] if argv is None else argv
@@ -144,13 +231,20 @@ def main(argv=None):
     print(f"host: {host.current().describe()}\nvariables: {record['variables']}\n"
           f"f32, H={args.heads}, Hk={kv_heads}, E={args.dim}, {args.rounds} interleaved rounds, "
           f"medians")
-    print(f"{'B':>2} {'L':>6} {'causal':>6} {'pass':>8} {'implementation':<15} {'ms':>9} "
-          f"{'GF/s':>7} {'x torch':>8} {'compile s':>9}")
+    if args.masks:
+        print(f"{'B':>2} {'L':>6} {'mask':<16} {'pass':>8} {'implementation':<14} {'ms':>9} "
+              f"{'x causal':>8} {'x flex':>8} {'compile s':>9}")
+    else:
+        print(f"{'B':>2} {'L':>6} {'causal':>6} {'pass':>8} {'implementation':<15} {'ms':>9} "
+              f"{'GF/s':>7} {'x torch':>8} {'compile s':>9}")
     for length in args.lengths:
         batch = args.batch or (4 if length <= 512 else 1)
         q = jnp.asarray(rng.standard_normal((batch, args.heads, length, args.dim)), jnp.float32)
         k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, length, args.dim)),
                             jnp.float32) for _ in range(2))
+        if args.masks:
+            run_masks(args, q, k, v, rows)
+            continue
         scores_gib = batch * args.heads * length * length * 4 / 2**30
         for causal in (True, False):
             for backward in (False,) if args.no_backward else (False, True):
@@ -174,12 +268,15 @@ def main(argv=None):
                     print(f"{batch:>2} {length:>6} {str(causal):>6} {row['pass']:>8} {name:<15} "
                           f"{row['ms']:>9.1f} {row['gflops']:>7.1f} "
                           f"{row['ratio_to_torch']:>8.2f} {row['compile_s']:>9.2f}", flush=True)
-    stem = f"bench_attention{args.tag}"
+    stem = f"bench_attention{'_masks' if args.masks else ''}{args.tag}"
     result = {"host": record, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "rounds": args.rounds, "rows": rows}
+    if args.masks:
+        result.update(window=args.window, docs=args.docs)
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(rows, out_dir / f"{stem}.png")
-    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.png')}")
+    if not args.masks:
+        plot(rows, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.json")
 
 
 def plot(rows, path):
