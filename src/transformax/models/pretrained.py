@@ -94,7 +94,7 @@ def read_safetensors(folder: str | Path) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(folder: str | Path, *, dtype: str | None = None, **overrides):
-    """``(module, params, cfg)`` from a Hugging Face model folder (GPT-2, Llama, BERT).
+    """``(module, params, cfg)`` from a Hugging Face model folder (GPT-2, Llama, Mistral, BERT).
     ``dtype``: the parameters' dtype (default float32, whatever the file stores);
     ``overrides``: other ``Config`` fields (``compute_dtype``)."""
     config = read_config(folder)
