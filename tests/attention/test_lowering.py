@@ -85,6 +85,27 @@ def test_tpu_lowering_runs_the_mosaic_kernels():
     assert lowered(attend_grad, ["tpu"]).count(MOSAIC_CALL) == 3
 
 
+DOCS = jnp.repeat(jnp.array([[0, 1, 2, 3], [0, 0, 1, 1]]), 64, axis=1)
+
+
+def attend_flex(q, k, v):
+    """A structured mask (window and documents) and a score_mod (soft-capping)."""
+    mask = tfx.sliding_window(256, 256, 96) & tfx.document_mask(DOCS)
+    return tfx.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: 20.0 * jnp.tanh(s / 20.0),
+                              block_mask=mask)
+
+
+def attend_flex_grad(q, k, v):
+    return jax.grad(lambda *a: attend_flex(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(
+        q, k, v)
+
+
+@pytest.mark.parametrize("platform, call", [("cuda", TRITON_CALL), ("tpu", MOSAIC_CALL)])
+def test_structured_mask_and_score_mod_lower_to_one_kernel_per_pass(platform, call):
+    assert lowered(attend_flex, [platform]).count(call) == 1
+    assert lowered(attend_flex_grad, [platform]).count(call) == 3
+
+
 def test_multi_platform_lowering():
     """cpu, cuda and tpu in one module: each platform's kernel, behind a platform switch."""
     module = lowered(attend_grad, ["cpu", "cuda", "tpu"])

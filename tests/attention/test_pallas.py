@@ -1,4 +1,7 @@
-"""The Pallas kernels (Triton and TPU) against ``math``, forward and gradients.
+"""The Pallas kernels (Triton and TPU) called directly with small tiles (several and ragged
+ones, of every block class) against ``math``, forward and gradients: dense masks, dropout, dtypes,
+odd head dims, structured masks and score_mods. test_conformance.py runs them through the public
+API on the cases every kernel shares.
 
 On cpu they run in Pallas interpret mode (the TPU kernel under the TPU interpreter, which fills
 out-of-bounds block reads with NaN); the tests marked ``gpu``/``tpu`` run the same cases
@@ -17,6 +20,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import transformax as tfx
+from transformax.attention import api
 from transformax.attention.backends import math as math_kernel
 from transformax.attention.backends import pallas_common, pallas_tpu, pallas_triton
 from transformax.attention.problem import Extras, Problem
@@ -64,6 +68,7 @@ TOLERANCE = {np.dtype(jnp.float32): 2e-5, np.dtype(jnp.bfloat16): 3e-2,
 
 
 def operands(p: Problem, seed: int = 0):
+    """Random q, k, v, the dense mask and dropout seed ``p`` asks for, and two spare keys."""
     keys = jax.random.split(jax.random.key(seed), 8)
     q = jax.random.normal(keys[0], (p.batch, p.q_heads, p.q_len, p.head_dim), p.dtype)
     k = jax.random.normal(keys[1], (p.batch, p.kv_heads, p.kv_len, p.head_dim), p.dtype)
@@ -75,27 +80,26 @@ def operands(p: Problem, seed: int = 0):
         mask = jax.random.normal(keys[3], p.mask_shape, p.mask_dtype)
         mask = mask.at[..., 5:9].set(-jnp.inf)
     seed_bits = jax.random.bits(keys[4], (2,), jnp.uint32) if p.has_dropout else None
-    return q, k, v, mask, seed_bits, keys[5:]
+    return q, k, v, Extras(mask, seed_bits), keys[5:7]
 
 
-def hidden_rows(p: Problem, mask):
-    """(B, Hq, L) True where a row can attend to nothing."""
-    rows = np.arange(p.q_len)[:, None]
-    cols = np.arange(p.kv_len)[None, :]
-    visible = np.ones((p.q_len, p.kv_len), bool)
-    if p.causal_offset is not None:
-        visible &= cols <= rows + p.causal_offset
-    visible = np.broadcast_to(visible, (p.batch, p.q_heads, p.q_len, p.kv_len))
-    if p.mask_is_bool:
-        visible = visible & np.asarray(mask)
-    return ~visible.any(-1)
+def flex(mask, score_mod=None, b=2, hq=2, hk=1, lq=40, s=56, e=16):
+    """A structured-mask / score_mod case as ``tfx.flex_attention`` hands it to the kernels:
+    ``(Problem, operands)``."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(keys[0], (b, hq, lq, e))
+    k, v = (jax.random.normal(key, (b, hk, s, e)) for key in keys[1:3])
+    call = api._Call(q, k, v, mask, 0.0, False, None, True, None, score_mod=score_mod)
+    return call.problem, (call.q, call.k, call.v, call.extras, keys[3:])
 
 
-def check_against_math(p: Problem, module, config=None, interpret=None):
-    q, k, v, mask, seed, (kd, kl, _) = operands(p)
+def check_against_math(p: Problem, module, config=None, interpret=None, inputs=None):
+    """``module``'s forward and backward (incl. the score_mod's captured-array gradients)
+    against the math kernel's; rows that see no key give zeros and finite gradients. Returns
+    where those rows are."""
+    q, k, v, extras, (kd, kl) = inputs or operands(p)
     forward = jax.jit(lambda *a: module.forward(p, *a, config=config, interpret=interpret))
     backward = jax.jit(lambda *a: module.backward(p, *a, config=config, interpret=interpret))
-    extras = Extras(mask, seed)
     out, lse = forward(q, k, v, extras)
     want_out, want_lse = jax.jit(lambda *a: math_kernel.forward(p, *a))(q, k, v, extras)
     tol = TOLERANCE[p.dtype]
@@ -105,21 +109,63 @@ def check_against_math(p: Problem, module, config=None, interpret=None):
 
     dout = jax.random.normal(kd, out.shape, p.dtype)
     dlse = jax.random.normal(kl, lse.shape, jnp.float32)
-    grads = backward(q, k, v, extras, out, lse, dout, dlse)[:3]
+    dq, dk, dv, dconsts = backward(q, k, v, extras, out, lse, dout, dlse)
     want = jax.jit(lambda *a: math_kernel.backward(p, *a))(q, k, v, extras, want_out, want_lse,
-                                                           dout, dlse)[:3]
-    for name, got, ref in zip("qkv", grads, want):
+                                                           dout, dlse)
+    grads, wanted = (dq, dk, dv, *dconsts), (*want[:3], *want[3])
+    assert len(grads) == len(wanted)
+    for name, got, ref in zip(["dq", "dk", "dv", "dconsts"], grads, wanted):
         assert got.dtype == ref.dtype and got.shape == ref.shape, name
         scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32)))) or 1.0
         np.testing.assert_allclose(np.asarray(got, np.float32) / scale,
                                    np.asarray(ref, np.float32) / scale, atol=4 * tol, rtol=0,
-                                   err_msg=f"d{name}")
+                                   err_msg=name)
 
-    hidden = hidden_rows(p, mask)
-    if hidden.any():
-        assert np.all(np.asarray(out)[hidden] == 0)
-        assert np.all(np.asarray(lse)[hidden] == -np.inf)
+    hidden = np.asarray(want_lse) == -np.inf
+    assert np.all(np.asarray(out)[hidden] == 0) and np.all(np.asarray(lse)[hidden] == -np.inf)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    return hidden
+
+
+# Structured masks and score_mods over 16 x 16 tiles of 40 queries and 56 keys: block classes
+# per batch (documents, a per-row band) and per head (a block mask), EMPTY / PARTIAL / FULL
+# tiles, rows that see nothing, score_mods with and without captured arrays.
+DOCS = jnp.array([[0] * 16 + [1] * 18 + [7] * 6, [0] * 5 + [1] * 35])  # document 7: no keys
+KV_DOCS = jnp.array([[0] * 16 + [1] * 40, [0] * 8 + [1] * 48])
+SLOPES = jnp.array([0.5, 2.0])
+
+
+def _alibi(s, b, h, q, kv):
+    return s + SLOPES[h] * (kv - q) / 16
+
+
+def _softcap(s, b, h, q, kv):
+    return 4.0 * jnp.tanh(s / 4.0)
+
+
+STRUCTURED = {
+    "documents_window_alibi": lambda: flex(
+        tfx.document_mask(DOCS, KV_DOCS) & tfx.sliding_window(40, 56, 40, lower_right=True),
+        _alibi),
+    "block_mask_band_softcap": lambda: flex(
+        tfx.create_block_mask(lambda b, h, q, kv: (kv <= q + 16) & (q - kv < 12 + 20 * h), None,
+                              2, 40, 56, BLOCK_SIZE=8)
+        & tfx.band(40, 56, None, 0, offset=jnp.array([3, 16])), _softcap),
+}
+
+
+@pytest.mark.parametrize("case, kernel", [
+    ("documents_window_alibi", "triton"), ("block_mask_band_softcap", "tpu"),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [
+        ("documents_window_alibi", "tpu"), ("block_mask_band_softcap", "triton")])])
+def test_structured_interpret(case, kernel):
+    p, inputs = STRUCTURED[case]()
+    assert p.structured and p.score_fn is not None
+    module, config = KERNELS[kernel]
+    interpret = pltpu.InterpretParams() if kernel == "tpu" else True
+    hidden = check_against_math(p, module, config, interpret, inputs)
+    if case == "documents_window_alibi":
+        assert hidden.any() and (~hidden).any()
 
 
 INTERPRETED = {**CASES, **EXTRA_CASES}
@@ -148,33 +194,6 @@ cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
                               reason="selection on cpu (run with JAX_PLATFORMS=cpu)")
 
 
-@cpu_only
-@pytest.mark.parametrize("backend", [tfx.Backend.PALLAS_TRITON, tfx.Backend.PALLAS_TPU])
-def test_sdpa_runs_pallas_in_interpret_mode(backend, monkeypatch):
-    """Through ``tfx.sdpa`` (default tiles, the primitive, its VJP), jitted."""
-    monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
-    keys = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(keys[0], (2, 4, 20, 16))
-    k = jax.random.normal(keys[1], (2, 2, 28, 16))
-    v = jax.random.normal(keys[2], (2, 2, 28, 16))
-    mask = tfx.causal_lower_right(20, 28)
-
-    def loss(q, k, v):
-        out, lse = tfx.sdpa(q, k, v, attn_mask=mask, enable_gqa=True, return_lse=True)
-        return jnp.sum(out * out) + jnp.sum(lse)
-
-    explanation = tfx.explain(q, k, v, attn_mask=mask, enable_gqa=True)
-    assert "eligible" in next(r.describe() for r in explanation.rows
-                              if r.platform == "cpu" and r.backend == backend)
-    results = {}
-    for chosen in (backend, tfx.Backend.MATH):
-        with tfx.sdpa_kernel([chosen]):
-            results[chosen] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    for got, want in zip(jax.tree.leaves(results[backend]),
-                         jax.tree.leaves(results[tfx.Backend.MATH])):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
 def test_reasons(monkeypatch):
     monkeypatch.delenv(pallas_common.INTERPRET_ENV, raising=False)
     base = CASES["hidden_rows"]
@@ -190,6 +209,19 @@ def test_reasons(monkeypatch):
     half = dataclasses.replace(base, dtype=np.dtype(jnp.float16))
     assert pallas_tpu.reasons_unsupported(half, "tpu") == [
         "dtype float16 is not supported on tpu (bfloat16, float32)"]
+
+
+def test_indexing_a_captured_array_runs_only_in_interpret_mode(monkeypatch):
+    """``slopes[h]`` lowers to a dynamic_slice, which neither Triton nor Mosaic lowers: the
+    compiled kernels say so (the selector falls through), interpret mode runs it."""
+    monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
+    alibi, softcap = (STRUCTURED[c]()[0] for c in STRUCTURED)
+    for module, platform in ((pallas_triton, "cuda"), (pallas_tpu, "tpu")):
+        assert module.reasons_unsupported(alibi, platform) == [
+            f"its score_mod indexes a captured array (dynamic_slice), which the Pallas "
+            f"{platform} lowering does not support"]
+        assert module.reasons_unsupported(alibi, "cpu") == []
+        assert module.reasons_unsupported(softcap, platform) == []
 
 
 @cpu_only
@@ -292,6 +324,24 @@ def test_triton_gpu(case, config):
 def test_tpu_kernel_on_tpu(case):
     with _reference_precision():
         check_against_math(ON_DEVICE[case], pallas_tpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on("gpu"), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("config", ["default", "small"])
+def test_triton_gpu_structured(config):
+    p, inputs = STRUCTURED["block_mask_band_softcap"]()
+    with _reference_precision():
+        check_against_math(p, pallas_triton, None if config == "default" else KERNELS["triton"][1],
+                           inputs=inputs)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(not _on("tpu"), reason="needs a TPU")
+def test_tpu_structured_on_tpu():
+    p, inputs = STRUCTURED["block_mask_band_softcap"]()
+    with _reference_precision():
+        check_against_math(p, pallas_tpu, inputs=inputs)
 
 
 @pytest.mark.gpu

@@ -50,6 +50,34 @@ def per_platform(build, *args, interpret=None):
     return lax.platform_dependent(*args, cpu=build(interpret=True), default=compiled)
 
 
+def indexing_reasons(problem: Problem, platform: str) -> list[str]:
+    """Why the compiled kernels cannot run the mask_mod/score_mod: indexing a captured array
+    by position (``slopes[h]``, ``table[q_idx - kv_idx]``) is a gather or dynamic_slice, which
+    neither the Triton nor the Mosaic lowering supports. Interpret mode (cpu) runs them."""
+    if platform == "cpu":
+        return []
+    reasons = []
+    for name, fn in (("mask_mod", problem.mask_fn), ("score_mod", problem.score_fn)):
+        found = sorted(_primitives(fn.jaxpr) & {"gather", "dynamic_slice"}) if fn else []
+        if found:
+            reasons.append(f"its {name} indexes a captured array ({', '.join(found)}), which "
+                           f"the Pallas {platform} lowering does not support")
+    return reasons
+
+
+def _primitives(jaxpr) -> set[str]:
+    """The names of the primitives in ``jaxpr``, its sub-jaxprs included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    names |= _primitives(sub)
+    return names
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_capability() -> tuple[int, int] | None:
     """The compute capability of the first visible CUDA GPU, or None where there is none."""

@@ -1,12 +1,21 @@
 """Flash attention as Pallas kernels for TPUs (Mosaic).
 
-Forward: grid ``(batch, query head, query block, key block)``, the key block innermost and
-sequential; the running max and sum and the f32 output accumulator stay in VMEM across it. Key
-blocks a causal mask hides are neither computed nor fetched (their index map repeats the last
-visible block, so the pipeline issues no copy); blocks it shows completely skip the masking
-work. The backward pass recomputes the probabilities from the saved log-sum-exp in two kernels:
-dq over the forward's grid, and dk/dv over ``(batch, key/value head, key block, query head of
-the GQA group, query block)``, accumulating the whole group in VMEM (K/V are never repeated).
+Forward: grid ``(batch, query head, query block, visit)``, the visits innermost and
+sequential; the running max and sum and the f32 output accumulator stay in VMEM across them.
+Each query block visits the key blocks ``blocks.classify`` leaves visible (scalar-prefetched
+``pallas_common.visits`` lists, per batch and head where the mask depends on them): FULL ones
+without masking work, then PARTIAL ones masked; EMPTY ones are neither computed nor fetched
+(past the last visit the index map repeats it, so the pipeline issues no copy). The backward
+pass recomputes the probabilities from the saved log-sum-exp in two kernels: dq over the
+forward's grid, and dk/dv over ``(batch, key/value head, key block, query head of the GQA
+group, visit)``, accumulating the whole group in VMEM (K/V are never repeated).
+
+Scores, masks (causal offset, key intervals, segment ids, mask_mod, dense), score_mod and
+dropout are ``tile_math``'s, on the tile's index arrays; the structured mask's per-row and
+per-key arrays arrive as blocks of the tile, the mask_mod/score_mod captured arrays whole in
+VMEM (indexing them by position, a gather, runs only in interpret mode: ``reasons_unsupported``
+says so on tpu). The captured arrays' gradients come from a separate plain-JAX pass
+(``pallas_common.score_consts_gradients``).
 
 Blocks default to 512 x 512: 128 x 128 tiles leave the MXU of v5e-class chips mostly idle.
 Ragged sequence ends are masked in the kernels (no padding copies); a bool mask is read as
@@ -64,7 +73,7 @@ def default_config(problem: Problem) -> Config:
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = pc.cpu_reasons(platform)
+    reasons = pc.cpu_reasons(platform) + pc.indexing_reasons(problem, platform)
     if platform == "cpu":
         supported = _DTYPES + (np.dtype(jnp.float16),)
     else:

@@ -1,11 +1,19 @@
 """Flash attention as Pallas kernels with the Triton lowering (NVIDIA GPUs, sm80+).
 
-Forward: one program per (query block, batch, query head) runs the online softmax over the
-visible key blocks with f32 statistics and base-2 exponentials: first the key blocks a causal
-mask shows completely (no masking work), then the diagonal and ragged ones; hidden blocks are
-never read. The backward pass is two kernels that recompute the probabilities from the saved
+Forward: one program per (query block, batch, query head) runs the online softmax over the key
+blocks ``blocks.classify`` leaves visible (``pallas_common.visits`` lists, an int32 operand, per
+batch and head where the mask depends on them) with f32 statistics and base-2 exponentials:
+first the FULL ones (no masking work), then the PARTIAL ones, masked; EMPTY ones are never
+read. The backward pass is two kernels that recompute the probabilities from the saved
 log-sum-exp: one per key block and key/value head (dk, dv, looping over the query heads of its
 GQA group and the query blocks that see it), one per query block (dq).
+
+Scores, masks (causal offset, key intervals, segment ids, mask_mod, dense), score_mod and
+dropout are ``tile_math``'s, in natural-log units, converted to base 2 after the mask. The
+structured mask's per-row and per-key values are loaded per tile; the mask_mod/score_mod
+captured arrays whole (indexing them by position, a gather, runs only in interpret mode:
+``reasons_unsupported`` says so on cuda). The captured arrays' gradients come from a
+separate plain-JAX pass (``pallas_common.score_consts_gradients``).
 
 Nothing is padded or repeated in memory: head dims are padded to a power of two and ragged
 sequence ends handled by masked loads and stores. A bool mask is read as int8.
@@ -121,7 +129,7 @@ def default_config(problem: Problem, capability: tuple[int, int] | None = None) 
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = pc.cpu_reasons(platform)
+    reasons = pc.cpu_reasons(platform) + pc.indexing_reasons(problem, platform)
     if problem.dtype not in _DTYPES:
         reasons.append(f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)")
     for name, dim in (("E", problem.head_dim), ("Ev", problem.v_head_dim)):
