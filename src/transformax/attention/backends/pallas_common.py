@@ -149,8 +149,8 @@ def visits(problem: Problem, extras: Extras, block_q: int, block_k: int,
 def score_consts_gradients(problem: Problem, q, k, v, extras: Extras, out, lse, dout,
                            dlse) -> tuple:
     """The gradients of the score_mod's floating captured arrays, from a separate blockwise
-    plain-JAX pass (``xla_flash.backward``; its dq/dk/dv go unused): accumulating them in a
-    Pallas kernel would need the scatters that indexing them transposes to."""
+    plain-JAX pass (``xla_flash.backward``; XLA drops its unused dq/dk/dv products): indexing
+    the arrays transposes to scatters, which no Pallas lowering supports."""
     if not tile_math.differentiable_consts(problem, extras):
         return ()
     return xla_flash.backward(problem, q, k, v, extras, out, lse, dout, dlse)[3]
