@@ -10,6 +10,8 @@ fact EMPTY or FULL), never wrong. Static parts are computed with numpy at trace 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +145,39 @@ def lists(classes2d, cls: int):
     hit = classes2d == cls
     order = xp.argsort(~hit, axis=-1, stable=True).astype(np.int32)
     return hit.sum(axis=-1).astype(np.int32), order
+
+
+def materialise(problem: Problem, extras: Extras | None, limit: int, check_only: bool = False):
+    """For kernels without a ``mask_fn`` path: the generic mask evaluated as a dense bool mask
+    (batch / head dims of 1 where it does not read ``b`` / ``h``) and each row's hull ``[first
+    visible key, last + 1)`` intersected into the key intervals, so interval-aware kernels still
+    skip the hidden tiles. Returns ``(exact, hull, convex)``: ``(problem, extras)`` pairs
+    without the ``mask_fn``, with the dense mask and the hull or the hull alone, and whether the
+    hull is exact (every row's visible keys contiguous: causal, windows, prefixes), a traced
+    bool. None where the dense mask would exceed ``limit`` elements (``check_only``: True where
+    it would not)."""
+    p = problem
+    fn, depends = p.mask_fn, p.mask_fn.depends
+    batch, heads = (p.batch if depends[0] else 1), (p.q_heads if depends[1] else 1)
+    if batch * heads * p.q_len * p.kv_len > limit:
+        return None
+    if check_only:
+        return True
+    dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv, *extras.mask_consts), batch, heads,
+                     p.q_len, p.kv_len)
+    cols = jnp.arange(p.kv_len, dtype=jnp.int32)
+    rows = dense.any(axis=1)  # (batch, L, S): the union over heads
+    lo = jnp.min(jnp.where(rows, cols, p.kv_len), axis=-1)
+    hi = jnp.max(jnp.where(rows, cols + 1, 0), axis=-1)
+    lo = jnp.minimum(lo, hi)  # rows seeing no key: [0, 0)
+    convex = jnp.all(dense.sum(axis=-1, dtype=jnp.int32) == (hi - lo)[:, None])
+    if extras.bounds:
+        lo, hi = jnp.maximum(lo, extras.bounds[0]), jnp.minimum(hi, extras.bounds[1])
+    hull = (dataclasses.replace(p, mask_fn=None, table_blocks=None, bounds=lo.shape[0]),
+            extras._replace(bounds=(lo, hi), table=None, mask_consts=()))
+    exact = (dataclasses.replace(hull[0], mask_dtype=np.dtype(bool), mask_shape=dense.shape),
+             hull[1]._replace(mask=dense))
+    return exact, hull, convex
 
 
 def evaluate(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, q0=0, kv0=0):

@@ -23,6 +23,10 @@ class Hoisted:
 
     def __init__(self, jaxpr, name: str, differentiable: tuple[bool, ...]):
         self.jaxpr, self.name, self.differentiable = jaxpr, name, differentiable
+        used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+        # Which scalar arguments the function reads (a mask independent of b or h is
+        # evaluated once for every batch row or head).
+        self.depends = tuple(id(v) in used for v in jaxpr.invars)
 
     @property
     def n_consts(self) -> int:

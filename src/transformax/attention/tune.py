@@ -24,12 +24,15 @@ def _bucket(n: int) -> int:
 
 def problem_class(problem: Problem) -> str:
     """What a tuned configuration is keyed by (besides kernel, pass and host): dtype, head
-    dims, GQA group size, mask kinds, dropout, and power-of-two buckets of L and S."""
+    dims, GQA group size, mask kinds, dropout, structured-mask and score_mod features, and
+    power-of-two buckets of L and S."""
     p = problem
     mask = "none" if not p.has_mask else "bool" if p.mask_is_bool else "float"
+    structure = "+".join(sorted(p.features() - {"dense mask", "dropout"})) or "none"
     return (f"{p.dtype}/E{p.head_dim}/Ev{p.v_head_dim}/G{p.groups}/"
             f"{'causal' if p.causal_offset is not None else 'full'}/mask-{mask}/"
-            f"dropout-{p.has_dropout}/L{_bucket(p.q_len)}/S{_bucket(p.kv_len)}")
+            f"dropout-{p.has_dropout}/structure-{structure}/L{_bucket(p.q_len)}/"
+            f"S{_bucket(p.kv_len)}")
 
 
 def choose(kernel, problem: Problem, pass_: str) -> tuning.Choice:
