@@ -1,4 +1,5 @@
 import os
+import pathlib
 import tempfile
 
 import jax
@@ -10,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Kernel configs are the host defaults unless a test pins or tunes them: no user tuning cache.
 os.environ["TRANSFORMAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="transformax-test-cache-")
 os.environ.pop("TRANSFORMAX_AUTOTUNE", None)
+
+import transformax  # noqa: E402  (after the environment above)
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+assert pathlib.Path(transformax.__file__).resolve().is_relative_to(_REPO / "src"), (
+    f"the tests import transformax from {transformax.__file__}, not from this checkout "
+    f"({_REPO / 'src'}): another install shadows it")
 
 settings.register_profile(
     "ci", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "12")), deadline=None,
