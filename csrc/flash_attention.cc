@@ -326,11 +326,13 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
   summarise(a, queries, keys);
   a.query_blocks = queries.data();
   a.key_blocks = keys.data();
-  const long items = a.batch * a.kv_heads;
+  // Key chunks per (batch, key/value head): enough items for two per thread.
+  const long heads = a.batch * a.kv_heads;
+  const long chunks = std::max(1L, std::min(a.n_key_blocks(), (2 * o.threads + heads - 1) / heads));
   if (o.isa == ISA_AVX512)
-    avx512::run_backward(pool, a, o.threads, items);
+    avx512::run_backward(pool, a, o.threads, chunks);
   else
-    avx2::run_backward(pool, a, o.threads, items);
+    avx2::run_backward(pool, a, o.threads, chunks);
   return ffi::Error::Success();
 }
 

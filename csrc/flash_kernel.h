@@ -3,8 +3,9 @@
 // `NR` (vectors of columns) of the GEMM micro-kernel under a matching `#pragma GCC target`; it includes nothing itself.
 //
 // Everything is f32. A forward work item is one (batch, query head, query block); a backward
-// item is one (batch, key/value head): it owns dK/dV of that head and dQ of its query heads, so
-// no two items write the same memory.
+// item is one (batch, key/value head, key chunk: every chunks-th key block): it owns dK/dV of
+// its key blocks and a private slab of dQ partial sums, which a last pass adds up, so no two
+// items write the same memory.
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));  // unaligned access
@@ -210,15 +211,14 @@ static TileClass classify(const Attention& a, const QueryBlock& qb, long b, long
 }
 
 struct Scratch {
-  float *q, *s, *p, *o, *kt, *vt, *kr, *dk, *dv, *keep, *dq;
+  float *q, *s, *p, *o, *kt, *vt, *kr, *dk, *dv, *keep;
 };
 
 // Floats one worker needs.
 static long scratch_floats(const Attention& a) {
   long ep = round_up(a.head_dim), evp = round_up(a.v_head_dim), bq = a.block_q, bk = round_up(a.block_k);
-  long dq = a.backward ? a.groups() * a.q_len * ep : 0;
   return bq * ep + 3 * bq * bk + bq * evp + ep * bk + bk * evp + evp * bk + bk * ep + bk * ep +
-         bk * evp + bk + dq + 16 * VW;
+         bk * evp + bk + 16 * VW;
 }
 
 static Scratch carve(const Attention& a, float* base) {
@@ -229,7 +229,6 @@ static Scratch carve(const Attention& a, float* base) {
   s.q = take(bq * ep); s.s = take(bq * bk); s.p = take(bq * bk); s.keep = take(bq * bk);
   s.o = take(bq * evp); s.kt = take(ep * bk); s.vt = take(evp * bk); s.kr = take(bk * ep);
   s.dk = take(bk * ep); s.dv = take(bk * evp);
-  s.dq = a.backward ? take(a.groups() * a.q_len * ep) : nullptr;
   return s;
 }
 
@@ -316,18 +315,19 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
   }
 }
 
-// Backward of one (batch, key/value head): every key block, against every query block of every
-// query head in its group.
-static void backward_item(const Attention& a, long item, float* scratch) {
-  const long b = item / a.kv_heads, hk = item % a.kv_heads, G = a.groups();
+// Backward of one (batch, key/value head, key chunk): key blocks chunk, chunk + chunks, ...,
+// against every query block of every query head in its group that sees them; dQ's partial sums
+// go to `dq`, (G, L, ep) floats.
+static void backward_item(const Attention& a, long item, long chunks, float* dq, float* scratch) {
+  const long b = item / chunks / a.kv_heads, hk = item / chunks % a.kv_heads, G = a.groups();
   const long E = a.head_dim, Ev = a.v_head_dim, ep = round_up(E), evp = round_up(Ev);
   Scratch sc = carve(a, scratch);
   const float* k = a.k + (b * a.kv_heads + hk) * a.kv_len * E;
   const float* v = a.v + (b * a.kv_heads + hk) * a.kv_len * Ev;
-  for (long x = 0; x < G * a.q_len * ep; ++x) sc.dq[x] = 0.f;
+  for (long x = 0; x < G * a.q_len * ep; ++x) dq[x] = 0.f;
   const long nq = a.n_query_blocks();
   Tile t;
-  for (long j = 0; j < a.n_key_blocks(); ++j) {
+  for (long j = item % chunks; j < a.n_key_blocks(); j += chunks) {
     t.col0 = j * a.block_k;
     t.cols = a.kv_len - t.col0 < a.block_k ? a.kv_len - t.col0 : a.block_k;
     t.ldt = round_up(t.cols);
@@ -369,7 +369,7 @@ static void backward_item(const Attention& a, long item, float* scratch) {
         gemm(t.ldt, evp, t.rows, dropped, 1, t.ldt, sc.o, evp, sc.dv, evp, true);  // dV += P^T dO
         gemm(t.ldt, ep, t.rows, sc.p, 1, t.ldt, sc.q, ep, sc.dk, ep, true);       // dK += dS^T Q
         gemm(t.rows, ep, t.cols, sc.p, t.ldt, 1, sc.kr, ep,
-             sc.dq + (g * a.q_len + t.row0) * ep, ep, true);                       // dQ += dS K
+             dq + (g * a.q_len + t.row0) * ep, ep, true);                          // dQ += dS K
       }
     }
     float* dk = a.dk + ((b * a.kv_heads + hk) * a.kv_len + t.col0) * E;
@@ -378,11 +378,6 @@ static void backward_item(const Attention& a, long item, float* scratch) {
       for (long d = 0; d < E; ++d) dk[c * E + d] = sc.dk[c * ep + d];
       for (long d = 0; d < Ev; ++d) dv[c * Ev + d] = sc.dv[c * evp + d];
     }
-  }
-  for (long g = 0; g < G; ++g) {
-    float* dq = a.dq + (b * a.q_heads + hk * G + g) * a.q_len * E;
-    for (long r = 0; r < a.q_len; ++r)
-      for (long d = 0; d < E; ++d) dq[r * E + d] = sc.dq[(g * a.q_len + r) * ep + d] * a.scale;
   }
 }
 
@@ -397,7 +392,26 @@ static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
                [&](long i, float* s) { forward_item(a, base, order[i], s); });
 }
 
-static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads, long items) {
+// Runs the backward items, `chunks` per (batch, key/value head), then sums each query row's dQ
+// partials.
+static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads, long chunks) {
+  const long ep = round_up(a.head_dim), slab = a.groups() * a.q_len * ep;
+  const long items = a.batch * a.kv_heads * chunks;
+  std::unique_ptr<float[]> partial(new float[items * slab]);
+  float* base = partial.get();
   parallel_for(pool, items, threads, scratch_floats(a),
-               [&](long i, float* s) { backward_item(a, i, s); });
+               [&](long i, float* s) { backward_item(a, i, chunks, base + i * slab, s); });
+  const long E = a.head_dim, rows = a.batch * a.q_heads, nq = a.n_query_blocks();
+  parallel_for(pool, rows * nq, threads, 0, [&](long x, float*) {
+    const long row = x / nq, r0 = x % nq * a.block_q, r1 = std::min(r0 + a.block_q, a.q_len);
+    const float* in = base + (row / a.groups() * chunks * a.groups() + row % a.groups()) *
+                                 a.q_len * ep;  // chunk 0 of this query head
+    float* out = a.dq + row * a.q_len * E;
+    for (long r = r0; r < r1; ++r)
+      for (long d = 0; d < E; ++d) {
+        float sum = 0.f;
+        for (long c = 0; c < chunks; ++c) sum += in[c * slab + r * ep + d];
+        out[r * E + d] = sum * a.scale;
+      }
+  });
 }

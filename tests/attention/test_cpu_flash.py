@@ -85,8 +85,10 @@ STRUCTURED = {
     "cache_padding": tfx.band(L, S, None, 0, offset=jnp.array([-30, 16]))
     & tfx.key_padding(VALID),
 }
-# (forward tiles, backward tiles) pinned per ISA: ragged, entering key tiles off their start.
-TILES = {isa: ((16, 48), (24, 40)) for isa in ISAS}
+# (ISA, threads, forward tiles, backward tiles): ragged, entering key tiles off their start; 8
+# threads split the backward of each (batch, key/value head) into key chunks.
+TILES = {f"{isa}-small": (isa, 2, (16, 48), (24, 40)) for isa in ISAS}
+TILES["chunked-backward"] = (ISAS[-1], 8, (16, 48), (8, 16))
 
 
 def structured_loss(q, k, v, mask):
@@ -98,7 +100,10 @@ structured_grad = jax.jit(jax.value_and_grad(structured_loss, argnums=(0, 1, 2),
 
 
 def structured_results(kernel, mask, tiles=None):
-    pinned = contextlib.nullcontext() if tiles is None else pinned_tiles(*tiles[1], isa=tiles[0])
+    pinned = contextlib.nullcontext()
+    if tiles is not None:
+        isa, threads, fwd, bwd = tiles
+        pinned = pinned_tiles(fwd, bwd, isa=isa, threads=threads)
     with tfx.sdpa_kernel(kernel), pinned:
         return structured_grad(QS, KS, VS, mask)
 
@@ -108,8 +113,7 @@ def math_results(case):
     return structured_results(tfx.Backend.MATH, STRUCTURED[case])
 
 
-@pytest.mark.parametrize("tiles", [None, *TILES.items()],
-                         ids=["default", *(f"{isa}-small" for isa in TILES)])
+@pytest.mark.parametrize("tiles", [None, *TILES.values()], ids=["default", *TILES])
 @pytest.mark.parametrize("case", list(STRUCTURED))
 def test_structured_masks_run_natively_and_match_math(case, tiles):
     mask = STRUCTURED[case]

@@ -9,8 +9,10 @@ intersection of row intervals and each block's range of ids: hidden tiles are ne
 (the forward also enters a key tile only at the first column its query block sees), fully
 visible ones skip the masking work.
 The forward parallelises over (batch, head, query block), the backward over (batch, key/value
-head). Everything runs in float32 (bf16/f16 operands are widened first). Tiles and threads come
-from ``transformax.tuning``: pinned, cached, tuned or derived from the host's cache sizes.
+head, key chunk): with fewer (batch, key/value head) pairs than twice the threads, each pair's
+key blocks are dealt round-robin to chunks whose dQ partial sums are added up at the end.
+Everything runs in float32 (bf16/f16 operands are widened first). Tiles and threads come from
+``transformax.tuning``: pinned, cached, tuned or derived from the host's cache sizes.
 """
 
 from __future__ import annotations
@@ -92,12 +94,20 @@ def working_set(problem: Problem, pass_: str, block_q: int, block_k: int) -> int
     return 4 * floats
 
 
+def backward_chunks(problem: Problem, cfg: Config) -> int:
+    """Key chunks per (batch, key/value head) in the backward (as csrc/flash_attention.cc picks
+    them): enough work items for two per thread."""
+    heads = problem.batch * problem.kv_heads
+    return max(1, min(-(-problem.kv_len // cfg.block_k), -(-2 * cfg.threads // heads)))
+
+
 def temporary_bytes(problem: Problem) -> int:
-    """The packed key/value tiles and each thread's tiles (the backward's, the larger)."""
+    """The packed key/value tiles, each thread's tiles (the backward's, the larger) and the
+    backward's dQ partial sums (one copy of dQ per key chunk)."""
     p, cfg = problem, tune.planned(NAME, problem, "bwd")
     packed = 4 * p.batch * p.kv_heads * p.kv_len * (p.head_dim + p.v_head_dim)
-    dq = 4 * p.groups * p.q_len * p.head_dim
-    return packed + cfg.threads * (working_set(p, "bwd", cfg.block_q, cfg.block_k) + dq)
+    dq = 4 * backward_chunks(p, cfg) * p.batch * p.q_heads * p.q_len * p.head_dim
+    return packed + cfg.threads * working_set(p, "bwd", cfg.block_q, cfg.block_k) + dq
 
 
 def default_config(problem: Problem, pass_: str) -> Config:
