@@ -145,7 +145,7 @@ def _visit(vis: pc.Visits, lists, b, h, n, step, compute):
     """Runs ``compute(other_block, masked)`` at grid step ``step`` of block ``n`` of (b, h):
     its FULL visits unmasked, then its PARTIAL ones masked, nothing past them."""
     n_full, n_visible, row = vis.read(lists, b, h, n)
-    other = lists[2][row * vis.width + jnp.minimum(step, vis.width - 1)]
+    other = lists[2][row * vis.width + step]
     pl.when(step < n_full)(lambda: compute(other, False))
     pl.when((step >= n_full) & (step < n_visible))(lambda: compute(other, True))
 
@@ -334,7 +334,7 @@ def _pallas(kernel, grid, semantics, interpret, name, in_specs, out_specs, scrat
         interpret=interpret, **kwargs)
 
 
-def _row_major(p: Problem, vis: pc.Visits):
+def _row_major(vis: pc.Visits):
     """``where`` of the grid ``(b, h, i, n)``: step n of query block i."""
     def where(b, h, i, n, *lists):
         return b, h, i, _fetched(vis, lists, b, h, i, n)
@@ -346,7 +346,7 @@ _ROW_MAJOR = (_PARALLEL, _PARALLEL, _PARALLEL, _ARBITRARY)
 
 def _forward_call(p: Problem, cfg: Config, vis: pc.Visits, *, interpret):
     bq, bk = cfg.block_q, cfg.block_k
-    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(p, vis))
+    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(vis))
 
     def run(q, k, v, extras, lists):
         out_rows = (p.batch, p.q_heads, p.q_len)
@@ -366,7 +366,7 @@ def _forward_call(p: Problem, cfg: Config, vis: pc.Visits, *, interpret):
 def _dq_call(p: Problem, cfg: Config, vis: pc.Visits, interpret, q, k, v, extras, lists, dout,
              lse, delta):
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(p, vis))
+    inputs, q_side, _, rows = _specs(p, bq, bk, _row_major(vis))
     return _pallas(
         functools.partial(_dq_kernel, p=p, bq=bq, bk=bk, vis=vis),
         (p.batch, p.q_heads, cdiv(p.q_len, bq), vis.width), _ROW_MAJOR, interpret,
