@@ -65,12 +65,14 @@ def test_generate_command_quantized(hf_gpt2_folder, capsys):
             f"tokenizer") in err
 
 
+@pytest.mark.slow  # ~5 s: a model of its own compiled; the default run checks the error path
 def test_int8_static_on_a_model_folder_calibrates_on_the_default_corpus(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=4)).save_pretrained(tmp_path)
+        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=4, bos_token_id=0,
+        eos_token_id=0)).save_pretrained(tmp_path)
     tokenizer.BYTES.save(tmp_path)
     _, params, cfg = models.load_pretrained(tmp_path)
     fn, batches = quant.folder_calibration(tmp_path, gpt, cfg, tokenizer.BYTES)

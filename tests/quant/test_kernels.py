@@ -122,6 +122,19 @@ def test_jit_matches_eager_and_keeps_shape_and_dtype():
     np.testing.assert_array_equal(nn.linear(qparams, np.asarray(x)), eager)  # NumPy input
 
 
+@pytest.mark.parametrize("name", ["weight", "dynamic-asym"])
+def test_pallas_triton_jit_matches_eager(name, monkeypatch):
+    """Pallas interpreted op by op (eager) and compiled (jit): weight-only, and int8
+    activations with a zero point."""
+    monkeypatch.setenv(pallas_triton.pc.INTERPRET_ENV, "1")
+    qparams = {"w": qw_of(RECIPES[name])}
+    with quant.kernel([quant.Kernel.PALLAS_TRITON]):
+        with jax.disable_jit():
+            eager = nn.linear(qparams, jnp.asarray(X))
+        np.testing.assert_allclose(linear(qparams, jnp.asarray(X)), eager, rtol=1e-6,
+                                   atol=1e-6 * np.abs(eager).max())
+
+
 def test_selection_explain_and_kernel_context():
     qw = quant.quantize({"w": jnp.asarray(W)}, "int8-dynamic")["w"]
     e = quant.explain(X, qw)

@@ -5,12 +5,18 @@ bytes, :mod:`transformax.train.data`) encoded by that tokenizer."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
 import numpy as np
 
 BATCHES, ROWS, MAX_LEN = 4, 8, 128  # 4 batches of 8 windows of up to 128 tokens
+
+
+@functools.partial(jax.jit, static_argnames=("module", "cfg"))
+def _apply(params, batch, module, cfg):
+    return module.apply(params, batch, cfg)
 
 
 def _windows(stream: np.ndarray, encode, n: int, length: int, seed: int) -> np.ndarray:
@@ -54,4 +60,4 @@ def folder_calibration(path: str | Path, module, cfg, tokenizer=None, *, batches
     stream = data_lib.load_corpus(data).train
     encode = None if tokenizer is None else tokenizer.encode
     tokens = _windows(stream, encode, batches * rows, length, seed).reshape(batches, rows, -1)
-    return jax.jit(lambda params, batch: module.apply(params, batch, cfg)), list(tokens)
+    return functools.partial(_apply, module=module, cfg=cfg), list(tokens)

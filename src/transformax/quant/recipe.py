@@ -24,8 +24,9 @@ class Recipe:
     or per tensor) or with scales fixed by calibration (``"static"``, per tensor; ``observer``
     "minmax" or "percentile", the ``percentile`` of the batch's values, averaged over batches).
     ``act_symmetric=False`` adds a zero point. ``layers``: glob patterns over layer paths
-    (e.g. ``"blocks.*.mlp.*"``). ``embeddings``: glob patterns naming embedding tables to quantize too, per row (e.g.
-    ``("wte",)``, GPT-2's token embedding, which is also its tied output head)."""
+    (e.g. ``"blocks.*.mlp.*"``). ``embeddings``: glob patterns naming embedding tables to
+    quantize too, per row (e.g. ``("wte",)``, GPT-2's token embedding, which is also its tied
+    output head)."""
 
     activations: str = "none"
     bits: int = 8
