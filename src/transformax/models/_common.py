@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -24,18 +25,32 @@ def check_tokens(tokens: jax.Array, cfg) -> None:
                          f"{cfg.max_len_field}={cfg.max_len}")
 
 
-def check_token_ids(tokens, vocab_size: int, name: str = "tokens") -> None:
-    """Raise naming the first id of concrete ``tokens`` outside ``[0, vocab_size)``. Traced
-    ``tokens`` (inside ``jit``) are not checked: there an id ``>= vocab_size`` embeds as NaN
-    and a negative one wraps round (JAX's out-of-bounds gather)."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    tokens = np.asarray(tokens)
-    bad = (tokens < 0) | (tokens >= vocab_size)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: token id {tokens[where]} at index {where} is outside the "
-                         f"model's vocabulary [0, {vocab_size})")
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens", *,
+                    traced: bool = False) -> None:
+    """Raise naming the first id of ``tokens`` outside ``[0, vocab_size)``, its index and the
+    vocabulary. Concrete ``tokens`` are checked at once; traced ones (inside ``jit``) only with
+    ``traced=True``, by a host callback that raises when the computation runs (``jit`` reports
+    it as a ``JaxRuntimeError`` holding the message). Unchecked, an id ``>= vocab_size`` embeds
+    as NaN and a negative one wraps round (JAX's out-of-bounds gather)."""
+    if not isinstance(tokens, jax.core.Tracer):
+        tokens = np.asarray(tokens)
+        bad = (tokens < 0) | (tokens >= vocab_size)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            _raise_outside(name, vocab_size, True, where, tokens[tuple(where)])
+    elif traced and tokens.size:
+        bad = (tokens < 0) | (tokens >= vocab_size)
+        first = jnp.argmax(bad.reshape(-1))
+        jax.debug.callback(functools.partial(_raise_outside, name, vocab_size), bad.any(),
+                           jnp.stack(jnp.unravel_index(first, tokens.shape)),
+                           tokens.reshape(-1)[first])
+
+
+def _raise_outside(name: str, vocab_size: int, bad, where, value) -> None:
+    if bad:
+        raise ValueError(f"{name}: token id {int(value)} at index "
+                         f"{tuple(int(i) for i in where)} is outside the model's vocabulary "
+                         f"[0, {vocab_size})")
 
 
 def check_same_shape(name: str, array: jax.Array, tokens: jax.Array) -> None:

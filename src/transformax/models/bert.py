@@ -87,17 +87,23 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
           token_type_ids: jax.Array | None = None, train: bool = False,
-          rng: jax.Array | None = None) -> jax.Array:
+          rng: jax.Array | None = None, check_ids: bool = False) -> jax.Array:
     """Final hidden states ``(B, T, dim)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
 
     ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding (padding keys are masked;
     padding rows still get hidden states). ``token_type_ids (B, T)`` default to 0.
-    ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``.
+    ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``. Ids outside the
+    vocabularies raise; inside ``jit`` only with ``check_ids=True`` (unchecked, an id too large
+    embeds as NaN and a negative one wraps round).
     """
     _common.check_tokens(tokens, cfg)
+    _common.check_token_ids(tokens, cfg.vocab_size, traced=check_ids)
     for name, ids in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
         if ids is not None:
             _common.check_same_shape(name, ids, tokens)
+    if token_type_ids is not None:
+        _common.check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids",
+                                traced=check_ids)
     mask = None if attention_mask is None else attention.key_padding(attention_mask.astype(bool))
     policy = cfg.policy
     p = policy.cast_to_compute(params)

@@ -78,12 +78,13 @@ def forward(arch: Arch, params, tokens, positions, cfg, *, mask, cache=None,
 
 
 def apply(arch: Arch, params, tokens: jax.Array, cfg, *, attention_mask=None,
-          document_ids=None, train: bool = False, rng=None) -> jax.Array:
+          document_ids=None, train: bool = False, rng=None, check_ids: bool = False) -> jax.Array:
     """The decoders' ``apply``: causal (within ``cfg.sliding_window``) over ``tokens``, keys
     masked by ``attention_mask (B, T)`` (nonzero: a real token). ``document_ids (B, T)``: a
-    packed batch; no token attends across documents and positions restart at each one."""
+    packed batch; no token attends across documents and positions restart at each one.
+    ``check_ids``: check traced ids too (see :func:`_common.check_token_ids`)."""
     _common.check_tokens(tokens, cfg)
-    _common.check_token_ids(tokens, cfg.vocab_size)
+    _common.check_token_ids(tokens, cfg.vocab_size, traced=check_ids)
     t = tokens.shape[1]
     positions = jnp.arange(t)
     if document_ids is not None:

@@ -110,16 +110,17 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
           document_ids: jax.Array | None = None, train: bool = False,
-          rng: jax.Array | None = None) -> jax.Array:
+          rng: jax.Array | None = None, check_ids: bool = False) -> jax.Array:
     """Logits ``(B, T, vocab_size)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
 
     ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding keys (positions stay
     ``0..T-1``). ``document_ids (B, T)``: packed documents (runs of equal ids) that do not see
     each other, positions restarting at each. ``train=True`` applies ``cfg.dropout`` with keys
-    drawn from ``rng``.
+    drawn from ``rng``. Ids outside the vocabulary raise; inside ``jit`` only with
+    ``check_ids=True`` (unchecked, an id too large embeds as NaN and a negative one wraps round).
     """
     return decoder.apply(ARCH, params, tokens, cfg, attention_mask=attention_mask,
-                         document_ids=document_ids, train=train, rng=rng)
+                         document_ids=document_ids, train=train, rng=rng, check_ids=check_ids)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
