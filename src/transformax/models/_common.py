@@ -41,9 +41,10 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", *,
     elif traced and tokens.size:
         bad = (tokens < 0) | (tokens >= vocab_size)
         first = jnp.argmax(bad.reshape(-1))
-        jax.debug.callback(functools.partial(_raise_outside, name, vocab_size), bad.any(),
-                           jnp.stack(jnp.unravel_index(first, tokens.shape)),
-                           tokens.reshape(-1)[first])
+        report = functools.partial(jax.debug.callback,
+                                   functools.partial(_raise_outside, name, vocab_size))
+        jax.lax.cond(bad.any(), report, lambda *_: None, True,  # the callback only on a bad id
+                     jnp.stack(jnp.unravel_index(first, tokens.shape)), tokens.reshape(-1)[first])
 
 
 def _raise_outside(name: str, vocab_size: int, bad, where, value) -> None:
