@@ -125,7 +125,7 @@ def reference(case: str):
 
 
 def _params():
-    fast_pallas = {"causal", "sliding_window", "alibi_causal"}
+    fast_pallas = {"sliding_window"}  # the rest: test_pallas.py on small tiles; here slow
     for kernel in backends.KERNELS:
         if kernel == "math":
             continue
@@ -139,6 +139,7 @@ def _params():
 def test_kernel_matches_the_math_kernel(kernel, case, monkeypatch):
     monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
     reasons = _reasons(kernel, case)
+    assert not (reasons and kernel in ("xla_flash", "pallas_triton", "pallas_tpu")), reasons
     if reasons:
         pytest.skip("; ".join(reasons))
     out, lse, grads = _results(kernel, case)
