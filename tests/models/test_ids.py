@@ -77,3 +77,14 @@ def test_bert_token_type_ids_checked():
     with pytest.raises(jax.errors.JaxRuntimeError, match=message(2, "token_type_ids", (0, 2),
                                                                  2)):
         jax.block_until_ready(apply(params, TOKENS, cfg, token_type_ids=types, check_ids=True))
+
+
+def test_checked_under_vmap():
+    """Under ``vmap`` the check runs on every row: good rows pass, a bad one is named (its
+    index within the row)."""
+    params, cfg, _ = model("gpt")
+    rows = jax.jit(jax.vmap(lambda t: gpt.apply(params, t[None], cfg, check_ids=True)))
+    np.testing.assert_allclose(rows(TOKENS)[:, 0], model("gpt")[2](params, TOKENS, cfg),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message(-1, index=(0, 3))):
+        jax.block_until_ready(rows(with_id(-1, 0)))

@@ -43,7 +43,8 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", *,
         first = jnp.argmax(bad.reshape(-1))
         report = functools.partial(jax.debug.callback,
                                    functools.partial(_raise_outside, name, vocab_size))
-        jax.lax.cond(bad.any(), report, lambda *_: None, True,  # the callback only on a bad id
+        any_bad = bad.any()  # the callback runs only then (under vmap, on every row: it checks)
+        jax.lax.cond(any_bad, report, lambda *_: None, any_bad,
                      jnp.stack(jnp.unravel_index(first, tokens.shape)), tokens.reshape(-1)[first])
 
 
