@@ -62,6 +62,9 @@ CASES = {
     "block_mask": (dict(attn_mask=tfx.create_block_mask(
         lambda b, h, q, kv: (kv <= q + 16) & (q - kv < 6 + 3 * h), None, HQ, L, S,
         BLOCK_SIZE=8)), None),
+    "strided_block_mask": (dict(attn_mask=tfx.create_block_mask(  # rows not contiguous
+        lambda b, h, q, kv: (kv % 3 != 1) & (kv <= q + 16), None, None, L, S, BLOCK_SIZE=8)),
+        None),
     "alibi_causal": (dict(score_mod=_alibi, attn_mask=tfx.causal_lower_right(L, S)), SLOPES),
     "softcap_window": (dict(score_mod=lambda _: _softcap,
                             attn_mask=tfx.sliding_window(L, S, 9)), None),

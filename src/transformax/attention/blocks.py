@@ -10,6 +10,7 @@ fact EMPTY or FULL), never wrong. Static parts are computed with numpy at trace 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -153,9 +154,10 @@ def materialise(problem: Problem, extras: Extras | None, limit: int, check_only:
     visible key, last + 1)`` intersected into the key intervals, so interval-aware kernels still
     skip the hidden tiles. Returns ``(exact, hull, convex)``: ``(problem, extras)`` pairs
     without the ``mask_fn``, with the dense mask and the hull or the hull alone, and whether the
-    hull is exact (every row's visible keys contiguous: causal, windows, prefixes), a traced
-    bool. None where the dense mask would exceed ``limit`` elements (``check_only``: True where
-    it would not)."""
+    hull is exact (every row's visible keys contiguous: causal, windows, prefixes): a Python
+    bool for a mask_mod that captures no arrays (a function of the indices alone, e.g. torch's
+    causal mask_mod: evaluated once, when traced), else a traced one. None where the dense mask
+    would exceed ``limit`` elements (``check_only``: True where it would not)."""
     p = problem
     fn, depends = p.mask_fn, p.mask_fn.depends
     batch, heads = (p.batch if depends[0] else 1), (p.q_heads if depends[1] else 1)
@@ -163,14 +165,21 @@ def materialise(problem: Problem, extras: Extras | None, limit: int, check_only:
         return None
     if check_only:
         return True
-    dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv, *extras.mask_consts), batch, heads,
-                     p.q_len, p.kv_len)
-    cols = jnp.arange(p.kv_len, dtype=jnp.int32)
-    rows = dense.any(axis=1)  # (batch, L, S): the union over heads
-    lo = jnp.min(jnp.where(rows, cols, p.kv_len), axis=-1)
-    hi = jnp.max(jnp.where(rows, cols + 1, 0), axis=-1)
-    lo = jnp.minimum(lo, hi)  # rows seeing no key: [0, 0)
-    convex = jnp.all(dense.sum(axis=-1, dtype=jnp.int32) == (hi - lo)[:, None])
+    static = not extras.mask_consts
+    with jax.ensure_compile_time_eval() if static else contextlib.nullcontext():
+        dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv, *extras.mask_consts), batch, heads,
+                         p.q_len, p.kv_len)
+        cols = jnp.arange(p.kv_len, dtype=jnp.int32)
+        rows = dense.any(axis=1)  # (batch, L, S): the union over heads
+        lo = jnp.min(jnp.where(rows, cols, p.kv_len), axis=-1)
+        hi = jnp.max(jnp.where(rows, cols + 1, 0), axis=-1)
+        lo = jnp.minimum(lo, hi)  # rows seeing no key: [0, 0)
+        convex = jnp.all(dense.sum(axis=-1, dtype=jnp.int32) == (hi - lo)[:, None])
+    if static:
+        convex = bool(convex)
+        if not convex:  # evaluated again where it runs, not embedded as a constant
+            dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv), batch, heads, p.q_len,
+                             p.kv_len)
     if extras.bounds:
         lo, hi = jnp.maximum(lo, extras.bounds[0]), jnp.minimum(hi, extras.bounds[1])
     hull = (dataclasses.replace(p, mask_fn=None, table_blocks=None, bounds=lo.shape[0]),

@@ -196,6 +196,8 @@ def _run(call, problem: Problem, extras: Extras):
     if problem.mask_fn is None:
         return call(problem, extras)
     exact, hull, convex = blocks.materialise(problem, extras, MASK_MOD_LIMIT)
+    if isinstance(convex, bool):  # known when traced
+        return call(*(hull if convex else exact))
     return jax.lax.cond(convex, lambda: call(*hull), lambda: call(*exact))
 
 
