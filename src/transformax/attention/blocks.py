@@ -166,9 +166,13 @@ def materialise(problem: Problem, extras: Extras | None, limit: int, check_only:
     if check_only:
         return True
     static = not extras.mask_consts
+
+    def dense_mask():
+        return evaluate(lambda b, h, q, kv: fn(b, h, q, kv, *extras.mask_consts), batch, heads,
+                        p.q_len, p.kv_len)
+
     with jax.ensure_compile_time_eval() if static else contextlib.nullcontext():
-        dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv, *extras.mask_consts), batch, heads,
-                         p.q_len, p.kv_len)
+        dense = dense_mask()
         cols = jnp.arange(p.kv_len, dtype=jnp.int32)
         rows = dense.any(axis=1)  # (batch, L, S): the union over heads
         lo = jnp.min(jnp.where(rows, cols, p.kv_len), axis=-1)
@@ -178,8 +182,7 @@ def materialise(problem: Problem, extras: Extras | None, limit: int, check_only:
     if static:
         convex = bool(convex)
         if not convex:  # evaluated again where it runs, not embedded as a constant
-            dense = evaluate(lambda b, h, q, kv: fn(b, h, q, kv), batch, heads, p.q_len,
-                             p.kv_len)
+            dense = dense_mask()
     if extras.bounds:
         lo, hi = jnp.maximum(lo, extras.bounds[0]), jnp.minimum(hi, extras.bounds[1])
     hull = (dataclasses.replace(p, mask_fn=None, table_blocks=None, bounds=lo.shape[0]),

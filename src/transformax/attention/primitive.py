@@ -248,10 +248,8 @@ def _attention_bwd(problem, plan, residuals, cotangents):
     dmask = None
     if extras.mask is not None and not problem.mask_is_bool:
         dmask = math_kernel.mask_gradient(problem, q, k, v, extras, dout, dlse)
-    it = iter(dconsts)
-    dscore = tuple(next(it) if d else None
-                   for d in (problem.score_fn.differentiable if problem.score_fn else ()))
     none = lambda xs: tuple(None for _ in xs)
+    dscore = tile_math.with_differentiable(problem, none(extras.score_consts), dconsts)
     dextras = Extras(dmask, None, none(extras.bounds), none(extras.segments), None,
                      none(extras.mask_consts), dscore)
     return dq, dk, dv, dextras

@@ -108,16 +108,12 @@ def score_mod_vjp(problem: Problem, extras: Extras, raw, idx: Index, ds):
     raw scores and of the score_mod's differentiable captured arrays (summed over the tile)."""
     if problem.score_fn is None:
         return ds, ()
-    flags = problem.score_fn.differentiable
-    consts = extras.score_consts
-    diff = [c for c, d in zip(consts, flags) if d]
 
     def hooked(raw, *diff_consts):
-        it = iter(diff_consts)
-        full = [next(it) if d else c for c, d in zip(consts, flags)]
-        return elementwise(problem.score_fn, (raw, *idx), full).astype(raw.dtype)
+        consts = with_differentiable(problem, extras.score_consts, diff_consts)
+        return elementwise(problem.score_fn, (raw, *idx), consts).astype(raw.dtype)
 
-    _, vjp = jax.vjp(hooked, raw, *diff)
+    _, vjp = jax.vjp(hooked, raw, *differentiable_consts(problem, extras))
     draw, *dconsts = vjp(ds.astype(raw.dtype))
     return draw, tuple(dconsts)
 
@@ -127,6 +123,14 @@ def differentiable_consts(problem: Problem, extras: Extras) -> tuple:
     if problem.score_fn is None:
         return ()
     return tuple(c for c, d in zip(extras.score_consts, problem.score_fn.differentiable) if d)
+
+
+def with_differentiable(problem: Problem, consts, differentiable) -> tuple:
+    """``consts`` (one per score_mod captured array) with the differentiable ones replaced, in
+    order, by ``differentiable``: the inverse of ``differentiable_consts``."""
+    it = iter(differentiable)
+    flags = problem.score_fn.differentiable if problem.score_fn else ()
+    return tuple(next(it) if d else c for c, d in zip(consts, flags))
 
 
 def finite_or_zero(row_max):

@@ -86,15 +86,11 @@ def forward(problem: Problem, q, k, v, extras: Extras):
 
 def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
     """Autodiff through the forward; the score_mod's captured float arrays get gradients."""
-    consts = tile_math.differentiable_consts(problem, extras)
-    flags = problem.score_fn.differentiable if problem.score_fn else ()
-
     def run(q, k, v, diff):
-        it = iter(diff)
-        score_consts = tuple(next(it) if d else c for c, d in zip(extras.score_consts, flags))
+        score_consts = tile_math.with_differentiable(problem, extras.score_consts, diff)
         return _forward(problem, q, k, v, extras._replace(score_consts=score_consts))
 
-    _, vjp = jax.vjp(run, q, k, v, consts)
+    _, vjp = jax.vjp(run, q, k, v, tile_math.differentiable_consts(problem, extras))
     dq, dk, dv, dconsts = vjp((dout, dlse))
     return dq, dk, dv, tuple(dconsts)
 

@@ -90,7 +90,8 @@ class _Tiling:
         """Per query block (per key block with ``transpose``): the counts and index lists of
         the FULL and the PARTIAL blocks of the other kind, as int32 arrays."""
         classes = self.classes.T if transpose else self.classes
-        return blocks.lists(classes, blocks.FULL), blocks.lists(classes, blocks.PARTIAL)
+        return tuple(tuple(jnp.asarray(x) for x in blocks.lists(classes, cls))
+                     for cls in (blocks.FULL, blocks.PARTIAL))
 
     def q_blocks(self, x):
         """``(B, Hq, L, D)`` -> ``(nq, B, Hk, G·bq, D)``."""
@@ -178,8 +179,7 @@ def forward(problem: Problem, q, k, v, extras: Extras):
     p = problem
     q_blocks, k, v, mask = t.prepare(q, k, v, extras.mask)
     rows_shape, acc = (p.batch, p.kv_heads, t.rows_per_block), p.acc_dtype
-    (n_full, full), (n_partial, partial) = (tuple(jnp.asarray(x) for x in pair)
-                                            for pair in t.visits())
+    (n_full, full), (n_partial, partial) = t.visits()
 
     def one_q_block(args):
         i, q_block = args
@@ -228,8 +228,7 @@ def backward(problem: Problem, q, k, v, extras: Extras, out, lse, dout, dlse):
     dout_blocks = t.q_blocks(dout)
     lse_blocks = finite_or_zero(t.q_blocks(lse[..., None])[..., 0])  # hidden rows: p = 0
     delta_blocks = t.q_blocks(delta[..., None])[..., 0]
-    (n_full, full), (n_partial, partial) = (tuple(jnp.asarray(x) for x in pair)
-                                            for pair in t.visits(transpose=True))
+    (n_full, full), (n_partial, partial) = t.visits(transpose=True)
     consts = tile_math.differentiable_consts(p, extras)
 
     def one_k_block(carry, j):
