@@ -1,27 +1,19 @@
 """transformax: accelerated transformers for JAX.
 
-``tfx.sdpa`` and its kernel selection are imported eagerly; the submodules ``nn``, ``models``,
-``generate``, ``flax``, ``train`` and ``quant`` load on first use (so ``import transformax`` stays light).
+Every public name (``tfx.sdpa`` and its kernel selection, the masks, ``flex_attention``) and the
+submodules ``nn``, ``models``, ``generate``, ``flax``, ``train`` and ``quant`` load on first use,
+so ``import transformax`` (and every command-line tool's start) stays light.
 """
 
-import importlib
+from transformax import _lazy
 
-from transformax.attention import (Backend, BlockMask, CausalMask, Mask, autotune, band,
-                                   causal_lower_right, causal_upper_left, chunked,
-                                   create_block_mask, document_mask, explain, flex_attention,
-                                   key_padding, prefix_lm, scaled_dot_product_attention, sdpa,
-                                   sdpa_kernel, sliding_window)
-from transformax.tuning import kernel_config
-
+_ATTENTION = ("Backend", "BlockMask", "CausalMask", "Mask", "autotune", "band",
+              "causal_lower_right", "causal_upper_left", "chunked", "create_block_mask",
+              "document_mask", "explain", "flex_attention", "key_padding", "prefix_lm",
+              "scaled_dot_product_attention", "sdpa", "sdpa_kernel", "sliding_window")
 _SUBMODULES = ("nn", "models", "generate", "flax", "train", "quant")
 
-__all__ = ["Backend", "BlockMask", "CausalMask", "Mask", "autotune", "band", "causal_lower_right",
-           "causal_upper_left", "chunked", "create_block_mask", "document_mask", "explain",
-           "flex_attention", "key_padding", "kernel_config", "prefix_lm",
-           "scaled_dot_product_attention", "sdpa", "sdpa_kernel", "sliding_window", *_SUBMODULES]
-
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"transformax.{name}")
-    raise AttributeError(f"module 'transformax' has no attribute {name!r}")
+__all__ = [*_ATTENTION, "kernel_config", *_SUBMODULES]
+__getattr__ = _lazy.attributes(__name__, {**{name: ".attention" for name in _ATTENTION},
+                                          "kernel_config": ".tuning",
+                                          **{name: f".{name}" for name in _SUBMODULES}})

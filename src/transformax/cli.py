@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -57,10 +58,23 @@ def _number(kind, low: float, name: str):
     return parse
 
 
+def exit_on_signals(prog: str) -> None:
+    """For a command run from the shell: SIGINT or SIGTERM ends it at once with one line and
+    ``128 + signal`` (a training loop takes the signals over while it runs, to save first).
+    Nothing is lost before the loop; raising instead could stop a native module's import
+    half-done, and jaxlib then crashes on exit."""
+    def handle(signum, frame):
+        os.write(2, f"{prog}: interrupted ({signal.Signals(signum).name})\n".encode())
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+
+
 def _guarded(prog: str, debug: bool, body) -> int:
     """``body()``'s exit status; an error becomes one line on stderr and status 1 (130 / 143
     after SIGINT / SIGTERM), warnings one line each."""
-    from transformax.train.interrupt import Interrupted
+    from transformax.train.interrupt import Interrupted  # stdlib only: quick
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {message}", file=sys.stderr)
@@ -155,11 +169,14 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profile is not None:
         args.overrides.append(f"log.profile='{args.profile}'")  # quoted: YAML reads 2:4 as 124
-    if argv is None and not args.print_config:
+    command_line = argv is None and not args.print_config
+    if command_line:
         tune_malloc()
-        compile_cache.enable(not args.no_compile_cache)
+        exit_on_signals(parser.prog)
 
     def body() -> int:
+        if command_line:
+            compile_cache.enable(not args.no_compile_cache)
         from transformax import train
 
         cfg = train.load(args.config, args.overrides)
@@ -238,6 +255,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: expected a number in (0, 1], got {args.top_p}")
     if argv is None:
+        exit_on_signals(parser.prog)
         compile_cache.enable(not args.no_compile_cache)
     return _guarded(parser.prog, args.debug, lambda: _generate(args))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformax.cli import _guarded, _Parser
+from transformax.cli import _guarded, _Parser, exit_on_signals
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
     if not 0 < args.val_fraction < 1:
         parser.error(f"argument --val-fraction: expected a number in (0, 1), got "
                      f"{args.val_fraction}")
+    if argv is None:
+        exit_on_signals(parser.prog)
     return _guarded(parser.prog, args.debug, lambda: _prepare(args))
 
 
@@ -63,6 +65,8 @@ def export_main(argv: list[str] | None = None) -> int:
                                                                "latest)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
+    if argv is None:
+        exit_on_signals(parser.prog)
     return _guarded(parser.prog, args.debug, lambda: _export(args))
 
 

@@ -56,11 +56,29 @@ def _check_sampling(temperature, top_k, top_p, rng):
                          f"use temperature=0 for greedy decoding")
 
 
+def _check_lengths(lengths, b: int, t: int, *, traced: bool) -> None:
+    """``lengths`` must be ``(B,)`` with values in ``[1, T]``: concrete values at once, traced
+    ones (inside ``jit``) only with ``traced=True``, when the computation runs."""
+    def report(bad, lo, hi):
+        if bad:
+            raise ValueError(f"lengths must be ({b},) with values in [1, {t}], got values in "
+                             f"[{int(lo)}, {int(hi)}]")
+
+    if np.shape(lengths) != (b,):
+        raise ValueError(f"lengths must be ({b},) with values in [1, {t}], got shape "
+                         f"{np.shape(lengths)}")
+    if not isinstance(lengths, jax.core.Tracer):
+        report(np.min(lengths) < 1 or np.max(lengths) > t, np.min(lengths), np.max(lengths))
+    elif traced:
+        lo, hi = jnp.min(lengths), jnp.max(lengths)
+        _common.raise_when_run(report, (lo < 1) | (hi > t), lo, hi)
+
+
 def generate(model, params, cfg, prompts: jax.Array, *, max_new_tokens: int,
              lengths: jax.Array | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              rng: jax.Array | None = None, eos_id: int | None = None,
-             pad_id: int = 0) -> jax.Array:
+             pad_id: int = 0, check_ids: bool = False) -> jax.Array:
     """``max_new_tokens`` new tokens ``(B, max_new_tokens)`` int32 continuing each prompt.
 
     ``model``: a decoder module (``models.gpt``, ``models.llama``); ``prompts (B, T)``: token ids,
@@ -68,21 +86,20 @@ def generate(model, params, cfg, prompts: jax.Array, *, max_new_tokens: int,
     their own positions in one batch. After ``eos_id`` a row emits ``pad_id``; the loop stops
     early once every row has ended. Sampling as :func:`sample`; the same ``rng`` gives the same
     tokens. The cache holds ``T + max_new_tokens`` positions, which must fit the model.
-    Concrete ``prompts`` (not traced) must hold ids in ``[0, cfg.vocab_size)``, padding too.
+    ``prompts`` must hold ids in ``[0, cfg.vocab_size)``, padding too: checked at once when
+    concrete; traced (``generate`` inside ``jit``) only with ``check_ids=True``, raising when
+    the computation runs.
     """
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer) or 0 in prompts.shape:
         raise ValueError(f"prompts must be a non-empty integer (B, T) array, got shape "
                          f"{prompts.shape} dtype {prompts.dtype}")
-    _common.check_token_ids(prompts, cfg.vocab_size, "prompts")
+    _common.check_token_ids(prompts, cfg.vocab_size, "prompts", traced=check_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b, t = prompts.shape
-    if lengths is None:
-        lengths = np.full((b,), t, np.int32)
-    lengths = np.asarray(lengths)
-    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
-        raise ValueError(f"lengths must be ({b},) with values in [1, {t}], got {lengths!r}")
+    lengths = np.full((b,), t, np.int32) if lengths is None else lengths
+    _check_lengths(lengths, b, t, traced=check_ids)
     _check_sampling(temperature, top_k, top_p, rng)
     eos = jnp.int32(-1 if eos_id is None else eos_id)
     return _generate(model, params, cfg, prompts.astype(jnp.int32),

@@ -88,3 +88,56 @@ def test_checked_under_vmap():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(jax.errors.JaxRuntimeError, match=message(-1, index=(0, 3))):
         jax.block_until_ready(rows(with_id(-1, 0)))
+
+
+@functools.cache
+def cached_step():
+    """The gpt model's ``apply_cached`` jitted (cache of 10 positions); compiled once per
+    ``check_ids``."""
+    params, cfg, _ = model("gpt")
+    return jax.jit(functools.partial(gpt.apply_cached, params, cfg=cfg),
+                   static_argnames="check_ids")
+
+
+@pytest.mark.parametrize("check_ids", [False, True])
+def test_apply_cached_checked_inside_jit(check_ids):
+    """``apply_cached(check_ids=True)`` inside ``jit``: a bad id and a write past the cache
+    raise when run; good calls give the unchecked result. Unchecked, both pass silently."""
+    cfg = model("gpt")[1]
+    step = functools.partial(cached_step(), check_ids=check_ids)
+    cache = gpt.init_cache(cfg, 2, 10)
+    logits, cache = step(TOKENS, cache=cache)
+    np.testing.assert_allclose(logits, model("gpt")[2](model("gpt")[0], TOKENS, cfg),
+                               rtol=1e-5, atol=1e-5)
+    bad = with_id(96, 0)
+    over = TOKENS  # 8 more tokens after 8, in a cache of 10
+    if not check_ids:
+        jax.block_until_ready((step(bad, cache=gpt.init_cache(cfg, 2, 10)),
+                               step(over, cache=cache)))
+        return
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message(96)):
+        jax.block_until_ready(step(bad, cache=gpt.init_cache(cfg, 2, 10)))
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=r"8 tokens do not fit the cache: a row already holds 8 of its "
+                             r"max_len=10 positions"):
+        jax.block_until_ready(step(over, cache=cache))
+
+
+def test_generate_checked_inside_jit():
+    """``generate(check_ids=True)`` under a user's ``jit`` (traced prompts and lengths): good
+    prompts give the eager tokens; a bad id or length raises when run."""
+    from transformax import generate
+
+    params, cfg, _ = model("gpt")
+    run = jax.jit(lambda p, n: generate(gpt, params, cfg, p, lengths=n, max_new_tokens=3,
+                                        temperature=0, check_ids=True))
+    lengths = np.array([8, 5], np.int32)
+    np.testing.assert_array_equal(
+        run(TOKENS, lengths),
+        generate(gpt, params, cfg, TOKENS, lengths=lengths, max_new_tokens=3, temperature=0))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message(-1, "prompts")):
+        jax.block_until_ready(run(with_id(-1, 0), lengths))
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=r"lengths must be \(2,\) with values in \[1, 8\], got values in "
+                             r"\[0, 8\]"):
+        jax.block_until_ready(run(TOKENS, np.array([8, 0], np.int32)))

@@ -288,3 +288,19 @@ def test_a_second_signal_exits_at_once():
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert err == "transformax-train: second SIGINT: exiting now without saving\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_jax_imports_is_one_line(tmp_path, sig):
+    """Before the loop (importing JAX, loading the config) a signal ends the command with one
+    line and ``128 + signal``: nothing to save yet, and no traceback."""
+    proc = start(tmp_path, "early")
+    proc_dir, deadline = Path(f"/proc/{proc.pid}"), time.time() + 60
+    while time.time() < deadline and not (  # exec'd (a forked child maps our jaxlib), importing
+            b"train.py" in (proc_dir / "cmdline").read_bytes()
+            and "jaxlib" in (proc_dir / "maps").read_text()):
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err == f"transformax-train: interrupted ({sig.name})\n"

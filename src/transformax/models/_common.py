@@ -29,8 +29,7 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", *,
                     traced: bool = False) -> None:
     """Raise naming the first id of ``tokens`` outside ``[0, vocab_size)``, its index and the
     vocabulary. Concrete ``tokens`` are checked at once; traced ones (inside ``jit``) only with
-    ``traced=True``, by a host callback that raises when the computation runs (``jit`` reports
-    it as a ``JaxRuntimeError`` holding the message). Unchecked, an id ``>= vocab_size`` embeds
+    ``traced=True`` (see :func:`raise_when_run`). Unchecked, an id ``>= vocab_size`` embeds
     as NaN and a negative one wraps round (JAX's out-of-bounds gather)."""
     if not isinstance(tokens, jax.core.Tracer):
         tokens = np.asarray(tokens)
@@ -41,11 +40,29 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", *,
     elif traced and tokens.size:
         bad = (tokens < 0) | (tokens >= vocab_size)
         first = jnp.argmax(bad.reshape(-1))
-        report = functools.partial(jax.debug.callback,
-                                   functools.partial(_raise_outside, name, vocab_size))
-        any_bad = bad.any()  # the callback runs only then (under vmap, on every row: it checks)
-        jax.lax.cond(any_bad, report, lambda *_: None, any_bad,
-                     jnp.stack(jnp.unravel_index(first, tokens.shape)), tokens.reshape(-1)[first])
+        raise_when_run(functools.partial(_raise_outside, name, vocab_size), bad.any(),
+                       jnp.stack(jnp.unravel_index(first, tokens.shape)),
+                       tokens.reshape(-1)[first])
+
+
+def check_cache_room(pos, t: int, limit: int, name: str, *, traced: bool = False) -> None:
+    """Raise when ``t`` more tokens do not fit after ``pos (B,)`` in ``limit`` positions:
+    concrete ``pos`` at once, traced only with ``traced=True`` (see :func:`raise_when_run`).
+    Unchecked under ``jit``, the write is clamped into the cache and the logits are wrong."""
+    if not isinstance(pos, jax.core.Tracer):
+        _raise_no_room(t, name, limit, int(np.max(pos)) + t > limit, int(np.max(pos)))
+    elif traced:
+        most = jnp.max(pos)
+        raise_when_run(functools.partial(_raise_no_room, t, name, limit), most + t > limit,
+                       most)
+
+
+def raise_when_run(report, failed: jax.Array, *operands) -> None:
+    """Inside ``jit``: call ``report(failed, *operands)`` on the host, only when ``failed``,
+    so that it raises when the computation runs (``jit`` reports a ``JaxRuntimeError`` holding
+    the message). Under ``vmap`` ``failed`` is per row, so every row is checked."""
+    callback = functools.partial(jax.debug.callback, report)
+    jax.lax.cond(failed, callback, lambda *_: None, failed, *operands)
 
 
 def _raise_outside(name: str, vocab_size: int, bad, where, value) -> None:
@@ -53,6 +70,12 @@ def _raise_outside(name: str, vocab_size: int, bad, where, value) -> None:
         raise ValueError(f"{name}: token id {int(value)} at index "
                          f"{tuple(int(i) for i in where)} is outside the model's vocabulary "
                          f"[0, {vocab_size})")
+
+
+def _raise_no_room(t: int, name: str, limit: int, full, held) -> None:
+    if full:
+        raise ValueError(f"{t} tokens do not fit the cache: a row already holds {int(held)} of "
+                         f"its {name}={limit} positions")
 
 
 def check_same_shape(name: str, array: jax.Array, tokens: jax.Array) -> None:

@@ -133,19 +133,18 @@ def init_cache(cfg, batch: int, max_len: int) -> kv_cache.KVCache:
 
 
 def apply_cached(arch: Arch, params, tokens: jax.Array, cfg, cache: kv_cache.KVCache,
-                 lengths: jax.Array | None):
+                 lengths: jax.Array | None, check_ids: bool = False):
     """The decoders' ``apply_cached``: ``tokens`` at absolute positions ``cache.pos[b] + i``;
     ``pos`` advances by ``lengths`` (default ``T``). A cache of ``sliding_window`` slots rolls
     (position ``p`` in slot ``p % sliding_window``). Concrete ids and ``pos`` are checked: in
-    the vocabulary, and within the cache (under ``jit`` a write past it is not caught)."""
+    the vocabulary, and within the cache; traced ones (under ``jit``) only with
+    ``check_ids=True``."""
     rolling = cfg.sliding_window is not None and cache.max_len == cfg.sliding_window
     limit, name = (cfg.max_len, cfg.max_len_field) if rolling else (cache.max_len, "max_len")
     _common.check_tokens(tokens, cfg)
-    _common.check_token_ids(tokens, cfg.vocab_size)
+    _common.check_token_ids(tokens, cfg.vocab_size, traced=check_ids)
     t = tokens.shape[1]
-    if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos.max()) + t > limit:
-        raise ValueError(f"{t} tokens do not fit the cache: a row already holds "
-                         f"{int(cache.pos.max())} of its {name}={limit} positions")
+    _common.check_cache_room(cache.pos, t, limit, name, traced=check_ids)
     advance = jnp.full_like(cache.pos, t) if lengths is None else lengths.astype(cache.pos.dtype)
     positions = cache.pos[:, None] + jnp.arange(t, dtype=cache.pos.dtype)
     if rolling:

@@ -110,12 +110,15 @@ def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
 
 
 def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache, *,
-                 lengths: jax.Array | None = None) -> tuple[jax.Array, nn.KVCache]:
+                 lengths: jax.Array | None = None,
+                 check_ids: bool = False) -> tuple[jax.Array, nn.KVCache]:
     """Logits for ``tokens (B, T)`` that continue each row of ``cache`` (row ``b`` at position
     ``cache.pos[b]``), and the cache with their keys/values written. ``lengths (B,)``: how many
     of the ``T`` tokens are real in each row (right padding, default all); ``pos`` advances by
-    it, so padding slots are overwritten by the next tokens."""
-    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths)
+    it, so padding slots are overwritten by the next tokens. Ids outside the vocabulary and
+    tokens past the cache raise; inside ``jit`` only with ``check_ids=True`` (unchecked there,
+    the write is clamped into the cache and the logits are wrong)."""
+    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths, check_ids)
 
 
 HF_PREFIX = "transformer."

@@ -130,10 +130,12 @@ def init_cache(cfg: Config, batch: int, max_len: int) -> nn.KVCache:
 
 
 def apply_cached(params: dict, tokens: jax.Array, cfg: Config, cache: nn.KVCache, *,
-                 lengths: jax.Array | None = None) -> tuple[jax.Array, nn.KVCache]:
+                 lengths: jax.Array | None = None,
+                 check_ids: bool = False) -> tuple[jax.Array, nn.KVCache]:
     """As :func:`transformax.models.gpt.apply_cached`: logits for ``tokens`` continuing each
-    row of ``cache``, and the updated cache (``pos`` advanced by ``lengths``, default ``T``)."""
-    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths)
+    row of ``cache``, and the updated cache (``pos`` advanced by ``lengths``, default ``T``);
+    ``check_ids`` as there."""
+    return decoder.apply_cached(ARCH, params, tokens, cfg, cache, lengths, check_ids)
 
 
 HF_PREFIX = "model."

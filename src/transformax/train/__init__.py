@@ -1,13 +1,14 @@
 """Training from YAML configs: ``config`` (schema), ``data``, ``optim``, ``step`` (the pure train
-step), ``sharding``, ``checkpoint``, ``metrics`` and ``loop`` (the run)."""
+step), ``sharding``, ``checkpoint``, ``metrics`` and ``loop`` (the run). The names below load on
+first use (importing ``transformax.train.interrupt`` does not load JAX)."""
 
-from transformax.train.checkpoint import CheckpointError
-from transformax.train.config import ConfigError, RunConfig, load
-from transformax.train.interrupt import Interrupted
-from transformax.train.loop import Result, TrainingDiverged, load_run, train
-from transformax.train.runlock import RunFolderBusy
-from transformax.train.step import TrainState, make_eval_step, make_train_step
+from transformax import _lazy
 
-__all__ = ["CheckpointError", "ConfigError", "Interrupted", "Result", "RunConfig",
-           "RunFolderBusy", "TrainState", "TrainingDiverged", "load", "load_run",
-           "make_eval_step", "make_train_step", "train"]
+_EXPORTS = {"CheckpointError": ".checkpoint", "ConfigError": ".config", "RunConfig": ".config",
+            "load": ".config", "Interrupted": ".interrupt", "Result": ".loop",
+            "TrainingDiverged": ".loop", "load_run": ".loop", "train": ".loop",
+            "RunFolderBusy": ".runlock", "TrainState": ".step", "make_eval_step": ".step",
+            "make_train_step": ".step"}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = _lazy.attributes(__name__, _EXPORTS)
