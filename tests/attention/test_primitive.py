@@ -12,7 +12,7 @@ import pytest
 
 import transformax as tfx
 from transformax.attention.backends import pallas_common
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 rng = np.random.default_rng(0)
 Q, K, V = (jnp.asarray(rng.standard_normal((2, 3, 24, 8)), jnp.float32) for _ in range(3))
@@ -168,6 +168,42 @@ def test_explicit_sharding_errors(q_spec, k_spec, message):
     assert str(err.value) == message
 
 
+def _on_mesh(axis_type, spec, shape=(2, 4)):
+    mesh = jax.sharding.AbstractMesh(shape, ("data", "tensor")[:len(shape)],
+                                     (axis_type,) * len(shape))
+    return jax.ShapeDtypeStruct(Q.shape, Q.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def test_explain_reports_the_kernel_that_runs_where_xla_splits_the_op():
+    """Several devices and no explicit axis splitting the query: the custom-call kernels give
+    way to xla_flash, and the report names the mesh and the kernel that would have run."""
+    mesh = "the 8-device mesh {'data': 2, 'tensor': 4}"
+    for axis_type, spec in ((AxisType.Auto, P("data", "tensor")), (AxisType.Explicit, P())):
+        q = _on_mesh(axis_type, spec)
+        report = tfx.explain(q, q, q, is_causal=True)
+        types = f"(data={axis_type.name}, tensor={axis_type.name})"
+        for platform, planned in (("cpu", "cpu_flash"), ("cuda", "pallas_triton"),
+                                  ("tpu", "pallas_tpu")):
+            assert report.chosen(platform) == tfx.Backend.XLA_FLASH
+            rows = {v.backend.value: v for v in report.rows if v.platform == platform}
+            assert rows[planned].reasons == (
+                f"a custom call XLA's partitioner cannot split: over {mesh} {types} xla_flash "
+                f"runs in its place (for {planned} per shard, shard the query over an explicit "
+                f"mesh or use shard_map)",)
+            assert rows["xla_flash"].config.startswith(f"in place of {planned} over {mesh}")
+    # One device, or an explicit mesh splitting the query (per shard): the planned kernels.
+    for q in (_on_mesh(AxisType.Auto, P("data"), (1,)), _on_mesh(AxisType.Explicit, P("data"))):
+        report = tfx.explain(q, q, q, is_causal=True)
+        assert str(report) == str(tfx.explain(Q, K, V, is_causal=True))
+    # No partitionable kernel allowed: the planned one runs gathered, and says so.
+    q = _on_mesh(AxisType.Auto, P("data"))
+    with tfx.sdpa_kernel(tfx.Backend.PALLAS_TRITON):
+        report = tfx.explain(q, q, q)
+    assert report.chosen("cuda") == tfx.Backend.PALLAS_TRITON
+    assert str(report).count(f"gathered: XLA's partitioner cannot split this custom call over "
+                             f"{mesh}") == 1
+
+
 EIGHT_DEVICES = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -216,6 +252,16 @@ EIGHT_DEVICES = textwrap.dedent("""
     for kernels in (list(tfx.Backend), pallas_first):
         with tfx.sdpa_kernel(kernels, set_priority=kernels == pallas_first):
             check(jax.jit(grad).lower(*args).compile(), *args)
+    # explain names the kernel that runs: cpu_flash per shard of an explicit mesh splitting the
+    # query, xla_flash in its place where XLA's partitioner splits the op.
+    with jax.set_mesh(explicit):
+        cases = [(jax.device_put(q, spec), tfx.Backend.CPU_FLASH),
+                 (jax.device_put(q, P()), tfx.Backend.XLA_FLASH), (args[0], tfx.Backend.XLA_FLASH)]
+        for x, kernel in cases:
+            attend = lambda x: tfx.sdpa(x, x, x, is_causal=True)
+            text = jax.jit(attend).lower(x).compile().as_text()
+            assert ("tfx_cpu_flash" in text) == (kernel == tfx.Backend.CPU_FLASH), kernel
+            assert tfx.explain(x, x, x, is_causal=True).chosen("cpu") == kernel
     print("ok")
 """)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformax import tuning
-from transformax.attention import masks, select
+from transformax.attention import masks, partition, select
 from transformax.attention.primitive import attention, current_platform
 from transformax.attention.problem import Extras, Problem, hoist
 
@@ -270,7 +270,9 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     """Which kernel ``sdpa`` (or ``flex_attention``, given a ``score_mod``) would run on each
     platform for these arguments, why not the others, the chosen configurations, and the cost
     (FLOPs, temporaries). ``print()`` it for a table. Arrays may be ``jax.ShapeDtypeStruct``s:
-    nothing is computed or allocated."""
+    nothing is computed or allocated. Where the query's sharding leaves the op to XLA's
+    partitioner (several devices, no explicit mesh axis splitting it), the report shows the
+    plain-XLA kernel that runs in place of a custom-call one."""
     del return_lse
     if dropout_p > 0.0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # only the problem's shape matters here
@@ -282,7 +284,7 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
         return ()
 
     jax.eval_shape(probe, query, key, value, attn_mask, dropout_rng)
-    return select.explanation(problems[0])
+    return partition.explained(select.explanation(problems[0]), query)
 
 
 def autotune(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -9,8 +9,9 @@ which this op does not do).
 - Automatic shardings (``jit`` over several devices, shardings found by propagation): the
   Pallas and FFI kernels are custom calls XLA cannot split (it would gather q/k/v to every
   device), so there the op runs the first eligible kernel made of plain XLA ops
-  (``split_plan``), which XLA partitions over batch and heads like any other code. For the
-  Pallas kernels per shard, use an explicit mesh or ``shard_map``.
+  (``split_plan``), which XLA partitions over batch and heads like any other code; ``explain``
+  reports the swap (``explained``). For the Pallas kernels per shard, use an explicit mesh or
+  ``shard_map``.
 """
 
 from __future__ import annotations
@@ -149,7 +150,6 @@ def _resharded(name: str, x, spec: tuple):
     return x if have == spec else jax.sharding.reshard(x, P(*spec))
 
 
-
 def split_plan(problem: Problem, plan) -> tuple[tuple[str, str | None, str | None], ...]:
     """``plan`` with, per platform, a third entry: the kernel to run where XLA's partitioner
     splits the op, i.e. the planned one if XLA can split it, else the first eligible
@@ -162,3 +162,48 @@ def split_plan(problem: Problem, plan) -> tuple[tuple[str, str | None, str | Non
                           if v.eligible and v.backend in PARTITIONABLE), None)
         result.append((platform, name, split))
     return tuple(result)
+
+
+def automatic_split(query) -> str | None:
+    """The devices over which a ``jit`` of ``query`` (an array or ``jax.ShapeDtypeStruct``) leaves
+    the op to XLA's partitioner, described (its mesh, when it has one): several devices and no
+    explicit mesh axis splitting the query (that case runs per shard, see ``explicit``); None
+    where the op runs on one device or per shard."""
+    sharding = getattr(query, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None:
+        devices = len(getattr(sharding, "device_set", ()))
+        return f"{devices} devices" if devices > 1 else None
+    split = {a for e in getattr(sharding, "spec", ()) for a in _axes(e)}
+    if mesh.size <= 1 or split & set(mesh.explicit_axes):
+        return None
+    types = ", ".join(f"{a}={t.name}" for a, t in zip(mesh.axis_names, mesh.axis_types))
+    return f"the {mesh.size}-device mesh {dict(mesh.shape)} ({types})"
+
+
+def explained(explanation: select.Explanation, query) -> select.Explanation:
+    """``explanation`` as a ``jit`` over ``query``'s devices runs it: where XLA's partitioner
+    splits the op (``automatic_split``), a custom-call kernel gives way to the partitionable one
+    that runs in its place (``split_plan``), or, with none eligible, runs gathered."""
+    where = automatic_split(query)
+    if where is None:
+        return explanation
+    problem, rows = explanation.problem, list(explanation.rows)
+    for platform, name, split in split_plan(problem, select.plan(problem)):
+        if name == split:
+            continue
+        at = {v.backend.value: i for i, v in enumerate(rows) if v.platform == platform}
+        planned = rows[at[name]]
+        if split is None:
+            rows[at[name]] = dataclasses.replace(planned, config="; ".join(filter(None, (
+                planned.config, f"gathered: XLA's partitioner cannot split this custom call "
+                f"over {where}, so every device runs the whole problem"))))
+            continue
+        rows[at[name]] = dataclasses.replace(planned, chosen=False, config=None, reasons=(
+            f"a custom call XLA's partitioner cannot split: over {where} {split} runs in its "
+            f"place (for {name} per shard, shard the query over an explicit mesh or use "
+            f"shard_map)",))
+        rows[at[split]] = dataclasses.replace(rows[at[split]], chosen=True, config="; ".join(
+            filter(None, (f"in place of {name} over {where}",
+                          select.config_description(select.Backend(split), problem)))))
+    return dataclasses.replace(explanation, rows=tuple(rows))
