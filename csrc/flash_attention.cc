@@ -71,6 +71,7 @@ struct Attention {
   long mask_itemsize, mask_stride[4];
   const uint32_t* seed;
   uint32_t dropout_threshold;
+  uint32_t bh_stride, bh_offset;  // dropout counter of (b, h): b * bh_stride + h + bh_offset
   bool bounds, segments;
   const int32_t *lo, *hi, *q_ids, *kv_ids;
   long bounds_stride, q_ids_stride, kv_ids_stride;
@@ -251,8 +252,12 @@ ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
   a.dropout = o.dropout_threshold > 0;
   a.dropout_threshold = uint32_t(o.dropout_threshold);
   a.seed = static_cast<const uint32_t*>(seed.untyped_data());
-  if (a.dropout && (seed.element_type() != ffi::U32 || seed.element_count() != 2))
-    return ffi::Error::InvalidArgument("tfx native attention: the dropout seed must be uint32[2]");
+  const bool shard_seed = seed.element_count() == 4;  // a shard's: (b, h) in the whole problem
+  if (a.dropout && (seed.element_type() != ffi::U32 || !(shard_seed || seed.element_count() == 2)))
+    return ffi::Error::InvalidArgument(
+        "tfx native attention: the dropout seed must be uint32[2] or uint32[4]");
+  a.bh_stride = a.dropout && shard_seed ? a.seed[3] : uint32_t(a.q_heads);
+  a.bh_offset = a.dropout && shard_seed ? a.seed[2] : 0u;
   a.bounds = o.bounds != 0;
   if (a.bounds && !(read_rows(st.lo, a.batch, a.q_len, a.lo, a.bounds_stride) &&
                     read_rows(st.hi, a.batch, a.q_len, a.hi, a.bounds_stride) &&

@@ -177,12 +177,12 @@ static void mask_row(const Attention& a, long b, long h, long row, const Tile& t
   }
 }
 
-// Dropout keep bits of one tile row, the same counter hash as problem.dropout_keep in Python:
+// Dropout keep bits of one tile row, the same counter hash as tile_math.dropout_keep in Python:
 // writes 1.0 (kept) or 0.0 per column.
 static void keep_row(const Attention& a, long b, long h, long row, long col0, long ldt,
                      float* keep) {
-  unsigned row_key = fmix32(a.seed[0] ^ fmix32(unsigned(b * a.q_heads + h) * 0x9E3779B9u +
-                                                unsigned(row)));
+  const unsigned batch_head = unsigned(b) * a.bh_stride + unsigned(h) + a.bh_offset;
+  unsigned row_key = fmix32(a.seed[0] ^ fmix32(batch_head * 0x9E3779B9u + unsigned(row)));
   vu lane;
   for (int i = 0; i < VW; ++i) lane[i] = unsigned(i);
   for (long c = 0; c < ldt; c += VW) {

@@ -1,5 +1,7 @@
 """The attention primitive: one named op, jit/non-jit parity, vmap, lowering, sharding."""
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 import transformax as tfx
+from transformax.attention import api, select
 from transformax.attention.backends import pallas_common
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -90,6 +93,29 @@ def test_float_mask_gradient_matches_math():
                 lambda m: jnp.sum(tfx.sdpa(Q, K, V, attn_mask=m) ** 2))(mask)
     assert grads[tfx.Backend.MATH].shape == mask.shape
     np.testing.assert_allclose(*grads.values(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH])
+def test_shard_seed_draws_the_dropout_bits_of_global_positions(backend):
+    """A shard's ``uint32[4]`` seed (its first global batch·Hq + head, and Hq) makes a kernel run
+    on batch 0..1 and heads 1..2 of 3 reproduce those rows of the whole problem, forward and
+    backward (what ``partition.explicit`` passes each shard)."""
+    call = api._Call(Q, K, V, None, 0.4, False, None, False, jax.random.key(5))
+    kernel = select.kernel(backend)
+    whole, extras = call.problem, call.extras
+    local = dataclasses.replace(whole, q_heads=2, kv_heads=2)
+    seed = jnp.concatenate([extras.seed, jnp.array([1, 3], jnp.uint32)])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(p, q, k, v, e):
+        out, lse = kernel.forward(p, q, k, v, e)
+        return (out, *kernel.backward(p, q, k, v, e, out, lse, jnp.cos(q), 0 * lse)[:3])
+
+    results = [run(whole, Q, K, V, extras),
+               run(local, Q[:, 1:], K[:, 1:], V[:, 1:], extras._replace(seed=seed))]
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a[:, 1:], b, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(results[0][0][:, :2], results[1][0])  # other heads: other bits
 
 
 def _mesh(axis_type):
@@ -244,6 +270,20 @@ EIGHT_DEVICES = textwrap.dedent("""
             compiled = jax.jit(grad).lower(*args).compile()
             check(compiled, *args)
             assert compiled.output_shardings[1][0].spec[:2] == ("data", "tensor")
+
+    # Dropout per shard draws the bits of its global (batch, head) positions: the sharded result
+    # and gradients are the one-device ones, for the native kernel and a Pallas one.
+    def dropped(q, k, v):
+        out = tfx.sdpa(q, k, v, dropout_p=0.3, dropout_rng=jax.random.key(7), enable_gqa=True)
+        return jnp.sum(jnp.sin(out))
+
+    dropped_grad = jax.jit(jax.value_and_grad(dropped, argnums=(0, 1, 2)))
+    want_dropped = dropped_grad(q, k, v)
+    for backend in (tfx.Backend.CPU_FLASH, tfx.Backend.PALLAS_TRITON):
+        with jax.set_mesh(explicit), tfx.sdpa_kernel(backend):
+            got = dropped_grad(*(jax.device_put(x, spec) for x in (q, k, v)))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_dropped)):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     # Automatic shardings: custom-call kernels give way to a plain-XLA one, which XLA splits.
     auto = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     args = [jax.device_put(x, NamedSharding(auto, s)) for x, s in
@@ -270,7 +310,8 @@ def test_eight_devices_run_each_shard_locally():
     """8 emulated devices, batch over ``data`` and heads over ``tensor`` (GQA, a float mask):
     the XLA kernel and both Pallas kernels (interpret mode) on an explicit mesh, and automatic
     shardings with the default kernels or Pallas first, forward and gradients against ``math``,
-    with no gathering."""
+    with no gathering; dropout on the explicit mesh equal to one device's; ``explain`` naming
+    the kernel that runs."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", **{pallas_common.INTERPRET_ENV: "1"})
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,

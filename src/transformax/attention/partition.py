@@ -4,8 +4,8 @@ which this op does not do).
 
 - Meshes with explicit axes (shardings are part of the types): ``explicit`` runs the op under a
   ``shard_map`` over the batch/head axes of the query's sharding, so every kernel, Pallas
-  included, runs on local shards. Dropout then draws an independent stream per shard (not
-  the one-device stream).
+  included, runs on local shards. Each shard draws the dropout bits of its global (batch,
+  head) positions, so the result is the one-device result.
 - Automatic shardings (``jit`` over several devices, shardings found by propagation): the
   Pallas and FFI kernels are custom calls XLA cannot split (it would gather q/k/v to every
   device), so there the op runs the first eligible kernel made of plain XLA ops
@@ -91,7 +91,6 @@ def explicit(problem: Problem, fn, q, k, v, extras: Extras):
                           if extras.bounds else None),
         segments=local_rows(problem.segments, rows_spec(extras.segments[0], False)
                             if extras.segments else None))
-    shard_axes = _axes(batch) + _axes(heads)
 
     def body(*args):
         it = iter(args)
@@ -103,11 +102,12 @@ def explicit(problem: Problem, fn, q, k, v, extras: Extras):
         mask_consts = tuple(next(it) for _ in extras.mask_consts)
         score_consts = tuple(next(it) for _ in extras.score_consts)
         seed = next(it, None)
-        if seed is not None:  # an independent dropout stream per shard
-            index = jax.lax.axis_index(shard_axes).astype(jnp.uint32)
-            seed = seed ^ jnp.stack([index * jnp.uint32(0x9E3779B9), jnp.uint32(0)])
+        b0, h0 = _offsets(local, batch, heads)
+        if seed is not None:  # the shard's first (batch, head) in the whole problem
+            seed = jnp.stack([seed[0], seed[1], jnp.uint32(b0 * problem.q_heads + h0),
+                              jnp.uint32(problem.q_heads)])
         shard, mask_consts, score_consts = _global_indices(local, mask_consts, score_consts,
-                                                           batch, heads)
+                                                           b0, h0)
         return fn(shard, q, k, v, Extras(mask, seed, bounds, segments, table, mask_consts,
                                          score_consts))
 
@@ -117,11 +117,16 @@ def explicit(problem: Problem, fn, q, k, v, extras: Extras):
                          out_specs=(P(*q_spec), P(*q_spec[:3])))(*operands)
 
 
-def _global_indices(local: Problem, mask_consts, score_consts, batch, heads):
-    """Inside the shard_map: the mask_mod and score_mod re-hoisted to see global batch and head
-    indices (the kernels count from 0 on each shard)."""
+def _offsets(local: Problem, batch, heads):
+    """Inside the shard_map: this shard's first global batch and head index."""
     b0 = jax.lax.axis_index(_axes(batch)) * local.batch if batch is not None else 0
     h0 = jax.lax.axis_index(_axes(heads)) * local.q_heads if heads is not None else 0
+    return b0, h0
+
+
+def _global_indices(local: Problem, mask_consts, score_consts, b0, h0):
+    """Inside the shard_map: the mask_mod and score_mod re-hoisted to see global batch and head
+    indices ``b0 + b``, ``h0 + h`` (the kernels count from 0 on each shard)."""
     fields = {}
     if local.mask_fn is not None:
         fn, consts = local.mask_fn, mask_consts

@@ -154,13 +154,20 @@ def _fmix32(x):
     return x ^ (x >> 16)
 
 
-def dropout_keep(seed, dropout_p: float, batch_head, rows, cols):
+def dropout_keep(seed, dropout_p: float, batch, head, q_heads: int, rows, cols):
     """Counter-based dropout: True where the probability of (batch·Hq + head, row, col) is kept.
 
-    Every kernel computes the same bits from ``seed`` (``uint32[2]``) and the element's
-    coordinates, so forward and backward, tiled or not, agree exactly.
+    Every kernel computes the same bits from ``seed`` and the element's coordinates, so forward
+    and backward, tiled or not, agree exactly. ``seed`` is ``uint32[2]``, or a shard's
+    ``uint32[4]`` that also places its local (batch, head) in the whole problem (Hq = ``seed[3]``,
+    ``seed[2]`` added), so each shard draws the bits of its global positions.
     """
-    row_key = _fmix32(seed[0] ^ _fmix32(jnp.asarray(batch_head, jnp.uint32) * jnp.uint32(0x9E3779B9)
+    batch, head = jnp.asarray(batch, jnp.uint32), jnp.asarray(head, jnp.uint32)
+    if len(seed) == 4:
+        batch_head = batch * seed[3] + head + seed[2]
+    else:
+        batch_head = batch * jnp.uint32(q_heads) + head
+    row_key = _fmix32(seed[0] ^ _fmix32(batch_head * jnp.uint32(0x9E3779B9)
                                         + rows.astype(jnp.uint32)))
     bits = _fmix32(row_key ^ (cols.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F) + seed[1]))
     threshold = np.uint32(min(round(dropout_p * 2.0**32), 2**32 - 1))

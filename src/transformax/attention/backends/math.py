@@ -65,9 +65,9 @@ def probabilities(problem: Problem, q, k, extras: Extras):
     probs = weights / safe_total
     if problem.has_dropout:
         heads = jnp.arange(problem.q_heads).reshape(problem.kv_heads, problem.groups)
-        batch_head = (jnp.arange(problem.batch)[:, None, None] * problem.q_heads + heads)
-        keep = dropout_keep(extras.seed, problem.dropout_p, batch_head[..., None, None], rows,
-                            cols)
+        batch = jnp.arange(problem.batch)[:, None, None, None, None]
+        keep = dropout_keep(extras.seed, problem.dropout_p, batch, heads[..., None, None],
+                            problem.q_heads, rows, cols)
         probs = jnp.where(keep, probs / (1.0 - problem.dropout_p), 0.0)
     return probs, lse
 

@@ -92,7 +92,8 @@ class _Tile:
 
     def __init__(self, p: Problem, extras: Extras, b, h, row0, col0, shape):
         self.p = p
-        self.seed = None if extras.seed is None else (extras.seed[0], extras.seed[1])
+        self.seed = None if extras.seed is None else tuple(
+            extras.seed[i] for i in range(extras.seed.shape[0]))
         self.idx = Index(b, h, row0 + lax.broadcasted_iota(jnp.int32, shape, 0),
                          col0 + lax.broadcasted_iota(jnp.int32, shape, 1))
         self.extras = extras
@@ -130,7 +131,7 @@ class _Tile:
         if self.seed is None:
             return None
         idx = self.idx
-        return dropout_keep(self.seed, self.p.dropout_p, idx.b * self.p.q_heads + idx.h, idx.q,
+        return dropout_keep(self.seed, self.p.dropout_p, idx.b, idx.h, self.p.q_heads, idx.q,
                             idx.kv)
 
 

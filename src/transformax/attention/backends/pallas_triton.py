@@ -220,7 +220,8 @@ class _Scores:
     def __init__(self, problem: Problem, extras: Extras, b, h, mask_head=0):
         self.p, self.extras, self.b, self.h = problem, extras, b, h
         self.mask_head = jnp.int32(mask_head) if isinstance(mask_head, int) else mask_head
-        self.seed = None if extras.seed is None else (extras.seed[0], extras.seed[1])
+        self.seed = None if extras.seed is None else tuple(
+            extras.seed[i] for i in range(extras.seed.shape[0]))
         # The score_mod's captured arrays, loaded whole (their indexing needs gathers, which
         # lower only in interpret mode; functions of the indices alone compile anywhere).
         self.consts = Extras(score_consts=tuple(r[...] for r in extras.score_consts))
@@ -290,8 +291,8 @@ class _Scores:
         if self.seed is None:
             return None
         rows, cols = _coords(row0, col0, size_q, size_k)
-        return dropout_keep(self.seed, self.p.dropout_p, self.b * self.p.q_heads + self.h,
-                            rows, cols)
+        return dropout_keep(self.seed, self.p.dropout_p, self.b, self.h, self.p.q_heads, rows,
+                            cols)
 
 
 def _coords(row0, col0, size_q: int, size_k: int):

@@ -154,8 +154,7 @@ class _Tiling:
             s = tile_math.score_mod(p, extras, raw, idx)
         keep = None
         if p.has_dropout:
-            keep = dropout_keep(extras.seed, p.dropout_p, idx.b * p.q_heads + idx.h, idx.q,
-                                idx.kv)
+            keep = dropout_keep(extras.seed, p.dropout_p, idx.b, idx.h, p.q_heads, idx.q, idx.kv)
         return s, keep
 
     def mask_tile(self, mask, i, j):
