@@ -1,4 +1,4 @@
-"""Builds the native CPU attention kernel (an XLA FFI extension) on x86-64; elsewhere, or if the
+"""Builds the native CPU attention and int8 matmul kernels (XLA FFI extensions) on x86-64; elsewhere, or if the
 compiler fails, the package installs without it and the selector falls back to XLA kernels."""
 
 import importlib.util
@@ -13,16 +13,18 @@ def native_extensions():
         return []
     jaxlib = importlib.util.find_spec("jaxlib")
     include = [str(pathlib.Path(jaxlib.origin).parent / "include")] if jaxlib else []
+    flags = ["-std=gnu++17", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi",
+             "-fvisibility=hidden"]
     return [Extension(
         "transformax._flash_cpu",
         sources=["csrc/flash_attention.cc"],
         depends=["csrc/flash_kernel.h"],
         include_dirs=include,
         language="c++",
-        extra_compile_args=["-std=gnu++17", "-O3", "-ffp-contract=fast", "-fno-math-errno",
-                            "-Wno-psabi", "-fvisibility=hidden"],
+        extra_compile_args=flags,
         optional=True,
-    )]
+    ), Extension("transformax._int8_cpu", sources=["csrc/int8_matmul.cc"], include_dirs=include,
+                 language="c++", extra_compile_args=flags, optional=True)]
 
 
 setup(ext_modules=native_extensions())

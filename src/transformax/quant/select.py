@@ -30,11 +30,12 @@ class Kernel(str, enum.Enum):
     XLA_BF16 = "xla_bf16"
     XLA_INT8X2 = "xla_int8x2"
     PALLAS_TRITON = "pallas_triton"
+    CPU_INT8 = "cpu_int8"
 
 
 PRIORITY = {
     # pallas_triton runs on cpu only in Pallas interpret mode (tests), last.
-    "cpu": (Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT,
+    "cpu": (Kernel.CPU_INT8, Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT,
             Kernel.PALLAS_TRITON),
     "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2,
              Kernel.DEQUANT),

@@ -1,0 +1,387 @@
+// transformax's native int8 matmul for few rows (decoding's GEMVs): XLA FFI handlers for
+//   f32:  y (M, N) f32 = (x (M, K) f32 @ w (K, N) int8) * scale (N)   (weight-only)
+//   s8:   y (M, N) s32 =  x (M, K) int8 @ w (K, N) int8               (int8 activations)
+// The weight is read once per group of rows, straight from its (K, N) row-major layout, in
+// panels of one vector of int8 columns (64 with AVX-512, 32 with AVX2) swept down K with
+// software prefetch; threads take contiguous ranges of panels. Code paths, picked per call (the
+// ISA is an attribute chosen in Python, checked here against the CPU):
+//   f32: int8 widened to f32 in registers, FMA (AVX-512F or AVX2+FMA);
+//   s8, AVX-512 VNNI: 4 weight rows interleaved per column, vpdpbusd on (x + 128) as u8, the
+//       128 * column sum (vpdpbusd of ones) subtracted at the end;
+//   s8, AVX2: the same interleave, vpmaddubsw on |x| and sign(x) * w (no int16 saturation:
+//       |x| <= 128, |w| <= 127) then vpmaddwd into int32.
+// Columns past the last full panel run a scalar loop.
+
+#include <Python.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Isa { ISA_AVX2 = 0, ISA_AVX512 = 1, ISA_AVX512_VNNI = 2 };
+
+// Rows of the weight swept per pass over a thread's panels: each row is then read left to right
+// (hardware prefetch streams), the partial sums kept in y between passes.
+#ifndef TFX_CHUNK_K
+#define TFX_CHUNK_K 64
+#endif
+constexpr long CHUNK_K = TFX_CHUNK_K;  // a multiple of 4
+constexpr long PREFETCH_BYTES = 256;   // how far ahead along a row the weight is prefetched
+
+// One call: x (m, k) of f32 or int8, w (k, n) int8, the f32 column scales (f32 only), y (m, n).
+struct Gemv {
+  long m, k, n;
+  const void* x;
+  const int8_t* w;
+  const float* scale;
+  void* y;
+};
+
+// The x bytes k0..k0+3 of row `row` as one int32 (bytes past k are 0).
+inline int32_t x_quad(const Gemv& g, long row, long k0) {
+  const int8_t* x = static_cast<const int8_t*>(g.x) + row * g.k + k0;
+  int32_t v = 0;
+  std::memcpy(&v, x, k0 + 4 <= g.k ? 4 : g.k - k0);  // little-endian: the low bytes first
+  return v;
+}
+
+// Columns [c0, n) of every row, one column at a time.
+void scalar_columns(const Gemv& g, long c0, bool integer) {
+  const int8_t* w = g.w;
+  for (long r = 0; r < g.m; ++r)
+    for (long c = c0; c < g.n; ++c) {
+      if (integer) {
+        const int8_t* x = static_cast<const int8_t*>(g.x) + r * g.k;
+        int32_t acc = 0;
+        for (long k = 0; k < g.k; ++k) acc += int32_t(x[k]) * int32_t(w[k * g.n + c]);
+        static_cast<int32_t*>(g.y)[r * g.n + c] = acc;
+      } else {
+        const float* x = static_cast<const float*>(g.x) + r * g.k;
+        float acc = 0.f;
+        for (long k = 0; k < g.k; ++k) acc += x[k] * float(w[k * g.n + c]);
+        static_cast<float*>(g.y)[r * g.n + c] = acc * g.scale[c];
+      }
+    }
+}
+
+// Column `e` of interleaved vector `v` (4 rows x one 128-bit lane of 16 columns per lane): the
+// byte unpacks below leave lane L's element 4L + j of vector v at column 16L + 4v + j.
+inline long column_of(int v, int e) { return 16 * (e >> 2) + 4 * v + (e & 3); }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+struct Avx512 {
+static constexpr long PANEL = 64;
+static constexpr int MR = 4;
+
+template <int MR>
+static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
+  float* y = static_cast<float*>(g.y) + r * g.n + c;
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v)
+      acc[i][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * g.n + 16 * v);
+  const float* x = static_cast<const float*>(g.x) + r * g.k;
+  const int8_t* wp = g.w + k0 * g.n + c;
+  for (long k = k0; k < k1; ++k, wp += g.n) {
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH_BYTES), _MM_HINT_T0);
+    __m512 wv[4];
+    for (int v = 0; v < 4; ++v)
+      wv[v] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + 16 * v))));
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xb = _mm512_set1_ps(x[i * g.k + k]);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_ps(y + i * g.n + 16 * v,
+                       k1 < g.k ? acc[i][v]
+                                : _mm512_mul_ps(acc[i][v], _mm512_loadu_ps(g.scale + c + 16 * v)));
+}
+
+// Rows k0..k0+3 of the panel at column c (rows past k read as 0), interleaved: q[v] holds 16
+// columns (column_of) of 4 bytes, one per row.
+static inline void interleave(const Gemv& g, long k0, long c, __m512i q[4]) {
+  __m512i rows[4];
+  for (int j = 0; j < 4; ++j)
+    rows[j] = k0 + j < g.k ? _mm512_loadu_si512(g.w + (k0 + j) * g.n + c) : _mm512_setzero_si512();
+  const __m512i lo01 = _mm512_unpacklo_epi8(rows[0], rows[1]);
+  const __m512i hi01 = _mm512_unpackhi_epi8(rows[0], rows[1]);
+  const __m512i lo23 = _mm512_unpacklo_epi8(rows[2], rows[3]);
+  const __m512i hi23 = _mm512_unpackhi_epi8(rows[2], rows[3]);
+  q[0] = _mm512_unpacklo_epi16(lo01, lo23);
+  q[1] = _mm512_unpackhi_epi16(lo01, lo23);
+  q[2] = _mm512_unpacklo_epi16(hi01, hi23);
+  q[3] = _mm512_unpackhi_epi16(hi01, hi23);
+}
+
+template <int MR>
+static void s8_tile(const Gemv& g, long r, long c, long k0, long k1) {
+  int32_t* y = static_cast<int32_t*>(g.y) + r * g.n + c;
+  __m512i acc[MR][4], colsum[4];
+  for (int i = 0; i < MR; ++i)  // between passes y holds the sums in interleaved order
+    for (int v = 0; v < 4; ++v)
+      acc[i][v] = k0 == 0 ? _mm512_setzero_si512() : _mm512_loadu_si512(y + i * g.n + 16 * v);
+  for (auto& s : colsum) s = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8(-128);
+  for (long k = k0; k < k1; k += 4) {
+    for (int j = 0; j < 4; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(g.w + (k + j) * g.n + c + PREFETCH_BYTES),
+                   _MM_HINT_T0);
+    __m512i q[4];
+    interleave(g, k, c, q);
+    for (int v = 0; v < 4; ++v) colsum[v] = _mm512_dpbusd_epi32(colsum[v], ones, q[v]);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xb = _mm512_xor_si512(_mm512_set1_epi32(x_quad(g, r + i, k)), bias);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], xb, q[v]);
+    }
+  }
+  alignas(64) int32_t out[16];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) {
+      const __m512i sum = _mm512_sub_epi32(acc[i][v], _mm512_slli_epi32(colsum[v], 7));
+      if (k1 < g.k) {
+        _mm512_storeu_si512(y + i * g.n + 16 * v, sum);
+        continue;
+      }
+      _mm512_store_si512(out, sum);
+      for (int e = 0; e < 16; ++e) y[i * g.n + column_of(v, e)] = out[e];
+    }
+}
+};
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+struct Avx2 {
+static constexpr long PANEL = 32;
+static constexpr int MR = 2;
+
+template <int MR>
+static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
+  float* y = static_cast<float*>(g.y) + r * g.n + c;
+  __m256 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v)
+      acc[i][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + i * g.n + 8 * v);
+  const float* x = static_cast<const float*>(g.x) + r * g.k;
+  const int8_t* wp = g.w + k0 * g.n + c;
+  for (long k = k0; k < k1; ++k, wp += g.n) {
+    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH_BYTES), _MM_HINT_T0);
+    __m256 wv[4];
+    for (int v = 0; v < 4; ++v)
+      wv[v] = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp + 8 * v))));
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_set1_ps(x[i * g.k + k]);
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm256_fmadd_ps(xb, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_ps(y + i * g.n + 8 * v,
+                       k1 < g.k ? acc[i][v]
+                                : _mm256_mul_ps(acc[i][v], _mm256_loadu_ps(g.scale + c + 8 * v)));
+}
+
+static inline void interleave(const Gemv& g, long k0, long c, __m256i q[4]) {
+  __m256i rows[4];
+  for (int j = 0; j < 4; ++j)
+    rows[j] = k0 + j < g.k
+                  ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.w + (k0 + j) * g.n + c))
+                  : _mm256_setzero_si256();
+  const __m256i lo01 = _mm256_unpacklo_epi8(rows[0], rows[1]);
+  const __m256i hi01 = _mm256_unpackhi_epi8(rows[0], rows[1]);
+  const __m256i lo23 = _mm256_unpacklo_epi8(rows[2], rows[3]);
+  const __m256i hi23 = _mm256_unpackhi_epi8(rows[2], rows[3]);
+  q[0] = _mm256_unpacklo_epi16(lo01, lo23);
+  q[1] = _mm256_unpackhi_epi16(lo01, lo23);
+  q[2] = _mm256_unpacklo_epi16(hi01, hi23);
+  q[3] = _mm256_unpackhi_epi16(hi01, hi23);
+}
+
+template <int MR>
+static void s8_tile(const Gemv& g, long r, long c, long k0, long k1) {
+  int32_t* y = static_cast<int32_t*>(g.y) + r * g.n + c;
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)  // between passes y holds the sums in interleaved order
+    for (int v = 0; v < 4; ++v)
+      acc[i][v] = k0 == 0 ? _mm256_setzero_si256()
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i * g.n + 8 * v));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (long k = k0; k < k1; k += 4) {
+    for (int j = 0; j < 4; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(g.w + (k + j) * g.n + c + PREFETCH_BYTES),
+                   _MM_HINT_T0);
+    __m256i q[4];
+    interleave(g, k, c, q);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xb = _mm256_set1_epi32(x_quad(g, r + i, k));
+      const __m256i ax = _mm256_abs_epi8(xb);
+      for (int v = 0; v < 4; ++v) {
+        const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q[v], xb));
+        acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  alignas(32) int32_t out[8];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < 4; ++v) {
+      __m256i* dst = reinterpret_cast<__m256i*>(k1 < g.k ? y + i * g.n + 8 * v : out);
+      _mm256_storeu_si256(dst, acc[i][v]);
+      if (k1 == g.k)
+        for (int e = 0; e < 8; ++e) y[i * g.n + column_of(v, e)] = out[e];
+    }
+}
+};
+#pragma GCC pop_options
+
+// Rows [r, r + rows) of the panel at column c, with the widest row tile that fits.
+template <class Isa, bool INTEGER, int MR = Isa::MR>
+void row_group(const Gemv& g, long rows, long r, long c, long k0, long k1) {
+  if constexpr (MR > 1)
+    if (rows < MR) return row_group<Isa, INTEGER, MR - 1>(g, rows, r, c, k0, k1);
+  if constexpr (INTEGER)
+    Isa::template s8_tile<MR>(g, r, c, k0, k1);
+  else
+    Isa::template f32_tile<MR>(g, r, c, k0, k1);
+}
+
+// Every row group of the panels [p0, p1), CHUNK_K weight rows per pass.
+template <class Isa, bool INTEGER>
+void run_panels(const Gemv& g, long p0, long p1) {
+  for (long k0 = 0; k0 < g.k; k0 += CHUNK_K)
+    for (long p = p0; p < p1; ++p)
+      for (long r = 0; r < g.m; r += Isa::MR)
+        row_group<Isa, INTEGER>(g, std::min<long>(Isa::MR, g.m - r), r, p * Isa::PANEL, k0,
+                                std::min(g.k, k0 + CHUNK_K));
+}
+
+// Panels [p0, p1) on the ISA's code path (AVX-512 without VNNI: f32 only).
+void run(const Gemv& g, int64_t isa, bool integer, long p0, long p1) {
+  if (integer)
+    (isa == ISA_AVX512_VNNI ? run_panels<Avx512, true> : run_panels<Avx2, true>)(g, p0, p1);
+  else
+    (isa == ISA_AVX2 ? run_panels<Avx2, false> : run_panels<Avx512, false>)(g, p0, p1);
+}
+
+// The panel width of the code path `run` takes.
+long panel_width(int64_t isa, bool integer) {
+  return (integer ? isa == ISA_AVX512_VNNI : isa != ISA_AVX2) ? Avx512::PANEL : Avx2::PANEL;
+}
+
+bool isa_supported(int64_t isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (isa == ISA_AVX2) return avx2;
+  if (isa == ISA_AVX512) return avx512;
+  if (isa == ISA_AVX512_VNNI) return avx512 && __builtin_cpu_supports("avx512vnni");
+  return false;
+}
+
+// Splits the panels into `threads` contiguous ranges, runs range 0 (and the scalar columns) on
+// the calling thread and the others on the pool, and waits for them.
+void parallel_panels(ffi::ThreadPool& pool, const Gemv& g, int64_t isa, bool integer,
+                     long threads) {
+  const long panel = panel_width(isa, integer);
+  const long panels = g.n / panel;
+  const long parts = std::max(1L, std::min(threads, panels));
+  auto pending = std::make_shared<std::atomic<long>>(parts - 1);
+  auto range = [&g, isa, integer, panels, parts](long t) {
+    run(g, isa, integer, panels * t / parts, panels * (t + 1) / parts);
+  };
+  for (long t = 1; t < parts; ++t)
+    pool.Schedule([range, pending, t]() {
+      range(t);
+      pending->fetch_sub(1, std::memory_order_release);
+    });
+  range(0);
+  scalar_columns(g, panels * panel, integer);
+  while (pending->load(std::memory_order_acquire) > 0) std::this_thread::yield();
+}
+
+ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
+                  ffi::Result<ffi::AnyBuffer> y, int64_t isa, int64_t threads, bool integer) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("tfx int8 matmul: x must be (M, K) and w (K, N)");
+  if (w.element_type() != ffi::S8 || x.element_type() != (integer ? ffi::S8 : ffi::F32))
+    return ffi::Error::InvalidArgument("tfx int8 matmul: w must be int8 and x " +
+                                       std::string(integer ? "int8" : "float32"));
+  if (!integer && (scale.element_type() != ffi::F32 || scale.element_count() != static_cast<size_t>(wd[1])))
+    return ffi::Error::InvalidArgument("tfx int8 matmul: scale must be float32 (N,)");
+  if (!isa_supported(isa) || threads < 1)
+    return ffi::Error::InvalidArgument("tfx int8 matmul: this CPU lacks the requested ISA, "
+                                       "or threads < 1");
+  Gemv g{xd[0], xd[1], wd[1], x.untyped_data(), w.typed_data<int8_t>(),
+         integer ? nullptr : scale.typed_data<float>(), y->untyped_data()};
+  if (g.k == 0)
+    std::memset(g.y, 0, g.m * g.n * 4);
+  else if (g.m > 0 && g.n > 0)
+    parallel_panels(pool, g, isa, integer, threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y, int64_t isa,
+                      int64_t threads) {
+  return matmul(pool, x, w, scale, y, isa, threads, false);
+}
+
+ffi::Error matmul_s8(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::Result<ffi::AnyBuffer> y, int64_t isa, int64_t threads) {
+  return matmul(pool, x, w, w, y, isa, threads, true);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxInt8MatmulF32, matmul_f32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) f32
+                                  .Arg<ffi::AnyBuffer>()  // w (K, N) int8
+                                  .Arg<ffi::AnyBuffer>()  // scale (N,) f32
+                                  .Ret<ffi::AnyBuffer>()  // y (M, N) f32
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxInt8MatmulS8, matmul_s8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) int8
+                                  .Arg<ffi::AnyBuffer>()  // w (K, N) int8
+                                  .Ret<ffi::AnyBuffer>()  // y (M, N) int32
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
+// The Python module: capsules for jax.ffi.register_ffi_target.
+static PyObject* capsule(void* handler) { return PyCapsule_New(handler, nullptr, nullptr); }
+
+static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu",
+                             "Native CPU int8 matmul for few rows (XLA FFI handlers).", -1,
+                             methods};
+
+PyMODINIT_FUNC PyInit__int8_cpu() {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddObject(m, "matmul_f32", capsule(reinterpret_cast<void*>(TfxInt8MatmulF32)));
+  PyModule_AddObject(m, "matmul_s8", capsule(reinterpret_cast<void*>(TfxInt8MatmulS8)));
+  return m;
+}

@@ -1,0 +1,91 @@
+"""Native int8 matmul for few rows on x86 CPUs (decoding's matrix-vector products): C++
+(``csrc/int8_matmul.cc``) behind XLA's FFI, one build with AVX2 and AVX-512 code paths picked per
+call from the host's ISA (``host.current().isa``, which ``--xla_cpu_max_isa`` and
+``TRANSFORMAX_CPU_ISA`` lower, so an emulated AVX2 host runs the AVX2 code).
+
+It reads the int8 weight once per few rows in its stored ``(K, N)`` layout, never a float copy:
+weight-only products widen it to float32 in registers (FMA, per-channel scales after the sum);
+int8 activations multiply it as integers (AVX-512 VNNI ``vpdpbusd``, or AVX2 ``vpmaddubsw`` /
+``vpmaddwd``), exact int32 sums rescaled as ``xla_int8``'s. Under ``vmap`` the batch is folded
+into the rows (one call per member where the weight itself is batched).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformax import host
+from transformax.quant.kernels import _int8_dot
+from transformax.quant.problem import Problem
+from transformax.quant.qweight import QuantizedWeight
+
+try:
+    from transformax import _int8_cpu
+except ImportError as err:  # not built (not x86-64, or no compiler at install time)
+    _int8_cpu, _IMPORT_ERROR = None, str(err)
+else:
+    jax.ffi.register_ffi_target("tfx_cpu_int8_f32", _int8_cpu.matmul_f32, platform="cpu")
+    jax.ffi.register_ffi_target("tfx_cpu_int8_s8", _int8_cpu.matmul_s8, platform="cpu")
+
+MAX_ROWS = 16  # more rows: a GEMM, where XLA's (YNNPACK) kernels reuse the weight better
+_ISA_CODES = {"avx2": 0, "avx512": 1, "avx512_vnni": 2}
+
+
+def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
+    reasons = []
+    if _int8_cpu is None:
+        reasons.append(f"the native extension is not built ({_IMPORT_ERROR})")
+    elif host.current().isa not in _ISA_CODES:
+        reasons.append("this CPU lacks AVX2+FMA")
+    if problem.m > MAX_ROWS:
+        reasons.append(f"{problem.m} rows: a kernel for at most {MAX_ROWS} (decoding); XLA's "
+                       f"GEMM reuses the weight better on more")
+    if problem.weight_granularity == "group":
+        reasons.append(_int8_dot.GROUPED)
+    if problem.bits == 4:
+        reasons.append("packed int4 weights (int8 only)")
+    return reasons
+
+
+def isa(integer: bool) -> str:
+    """The code path: the host's ISA, 'avx512_vnni' for int8 activations where it has VNNI."""
+    h = host.current()
+    return "avx512_vnni" if integer and h.isa == "avx512" and "avx512_vnni" in h.isa_flags \
+        else h.isa
+
+
+def _native(target: str, dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) -> jax.Array:
+    """The FFI call ``target`` on ``x (M, K)``, ``w (K, N)`` (and the scale), ``(M, N)`` of
+    ``dtype``; vmapped, the batch joins the rows."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w, *rest):
+        out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), dtype)
+        return jax.ffi.ffi_call(target, out)(
+            x, w, *rest, isa=np.int64(_ISA_CODES[isa(target.endswith("s8"))]),
+            threads=np.int64(host.current().cores))
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, x, w, *rest):
+        if any(in_batched[1:]):  # a batched weight: one call per member
+            args = (x, w, *rest)
+            return jax.lax.map(lambda i: call(*(a[i] if b else a for a, b in
+                                                zip(args, in_batched))),
+                               jnp.arange(axis_size)), True
+        x = x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape))
+        return call(x.reshape(-1, x.shape[-1]), w, *rest).reshape(axis_size, x.shape[1], -1), True
+
+    return call(x, w, *rest)
+
+
+def _dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
+    return _native("tfx_cpu_int8_s8", jnp.int32, xq, wq)
+
+
+def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    if problem.activations != "none":
+        return _int8_dot.matmul(_dot, x, qw)
+    scale = jnp.broadcast_to(qw.scale[0].astype(jnp.float32), (problem.n,))
+    return _native("tfx_cpu_int8_f32", jnp.float32, x.astype(jnp.float32), qw.values, scale)
