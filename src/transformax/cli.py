@@ -99,6 +99,10 @@ def _guarded(prog: str, debug: bool, body) -> int:
             if debug:
                 traceback.print_exc()
             print(f"{prog}: error: {_describe(e, debug)}", file=sys.stderr)
+            if getattr(e, "exit_at_once", False):  # a lost peer: skip jax's exit-time shutdown
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             gc.collect()  # abandoned orbax writes log their errors when collected: now, quietly
             return 1
         finally:

@@ -56,7 +56,9 @@ def train(cfg: config_lib.RunConfig, *, resume: bool | None = None, stop_at: int
     A second run on the same folder raises :class:`~transformax.train.runlock.RunFolderBusy`.
     A latest checkpoint that does not restore is set aside (with a warning) for the newest one
     that does. SIGINT / SIGTERM end the run after the current step: the state is saved and
-    :class:`~transformax.train.interrupt.Interrupted` raised (a second signal exits at once)."""
+    :class:`~transformax.train.interrupt.Interrupted` raised (a second signal exits at once).
+    In a multi-process run, a process that stops makes the others raise
+    :class:`~transformax.train.sharding.PeerLost` at their next collective."""
     with stop_on_signals() as stop_request:
         sharding.initialize_distributed(cfg.dist)
         devices = jax.devices() if devices is None else devices
@@ -71,6 +73,11 @@ def train(cfg: config_lib.RunConfig, *, resume: bool | None = None, stop_at: int
             try:
                 run = _Run(cfg, mesh, run_dir, ckpts, main, corpus, stop_request, tokenizer)
                 return run.run(resume, stop_at)
+            except jax.errors.JaxRuntimeError as err:
+                lost = sharding.peer_lost(err)
+                if lost is None:
+                    raise
+                raise lost from err
             finally:
                 ckpts.close()
 

@@ -41,6 +41,24 @@ def initialize_distributed(cfg: DistConfig) -> bool:
     return several
 
 
+class PeerLost(RuntimeError):
+    """A collective of a multi-process run failed: another process stopped or its connection
+    broke. jax's exit-time shutdown would wait for that process, then abort the interpreter, so
+    a command reports this and exits at once (``exit_at_once``)."""
+
+    exit_at_once = True
+
+
+def peer_lost(error: Exception) -> PeerLost | None:
+    """``error`` as :class:`PeerLost` where it is a runtime error of a multi-process run (a
+    collective or the coordination service failing); else None."""
+    if not isinstance(error, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+        return None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return PeerLost(f"process {jax.process_index()} of {jax.process_count()} lost contact with "
+                    f"another process (it stopped, or its connection broke): {first}")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     if value == "":
