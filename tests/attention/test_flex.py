@@ -82,6 +82,15 @@ def torch_reference(score_name: str, mask_name: str):
                                              score_mod=make_score(torch, None if array is None
                                                                   else torch.tensor(array)),
                                              block_mask=block_mask, enable_gqa=True)
+    dense_out = dense_attention(q, k, v, score_mod, mask_mod)
+    dense_out.backward(torch.tensor(DOUT))
+    grads = [x.grad.numpy() for x in (q, k, v)] + ([captured.grad.numpy()] if array is not None
+                                                   else [])
+    return flex_out.numpy(), dense_out.detach().numpy(), grads
+
+
+def dense_attention(q, k, v, score_mod, mask_mod):
+    """torch: softmax(score_mod(q k^T / sqrt(E)) masked by mask_mod) v, materialised (GQA)."""
     scores = q @ torch.repeat_interleave(k, HQ // HK, 1).transpose(-1, -2) / np.sqrt(E)
     b, h, qi, ki = torch.meshgrid(*(torch.arange(n) for n in scores.shape), indexing="ij")
     if score_mod is not None:
@@ -89,11 +98,7 @@ def torch_reference(score_name: str, mask_name: str):
     if mask_mod is not None:
         scores = scores.masked_fill(~mask_mod(b, h, qi, ki), -torch.inf)
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows seeing no key: zeros, as flex
-    dense_out = probs @ torch.repeat_interleave(v, HQ // HK, 1)
-    dense_out.backward(torch.tensor(DOUT))
-    grads = [x.grad.numpy() for x in (q, k, v)] + ([captured.grad.numpy()] if array is not None
-                                                   else [])
-    return flex_out.numpy(), dense_out.detach().numpy(), grads
+    return probs @ torch.repeat_interleave(v, HQ // HK, 1)
 
 
 def transformax_result(score_name: str, mask_name: str, structured: bool, jit: bool):
@@ -147,6 +152,80 @@ def test_jit_and_eager_agree_on_traced_document_ids():
     np.testing.assert_allclose(jax.jit(run)(*args), run(*args), atol=1e-6)
     with jax.disable_jit():
         np.testing.assert_allclose(run(*args), jax.jit(run)(*args), atol=1e-6)
+
+
+def _hull(dense):
+    """Numpy: each row's first visible key and last + 1 over all heads, and whether every row of
+    every head sees all of its hull."""
+    rows = dense.any(axis=1)
+    cols = np.arange(dense.shape[-1])
+    hi = np.where(rows, cols + 1, 0).max(-1)
+    lo = np.minimum(np.where(rows, cols, dense.shape[-1]).min(-1), hi)
+    return lo, hi, bool((dense.sum(-1) == (hi - lo)[:, None]).all())
+
+
+BLOCK_MASK_MODS = {  # name -> (mask_mod, whether each row's visible keys are contiguous)
+    "documents": (documents(jnp.asarray(DOCS), jnp.asarray(DOCS)), True),
+    "causal_window_per_head": (lambda b, h, q, kv: (kv <= q) & (q - kv < 4 + 4 * h), False),
+    "strided": (lambda b, h, q, kv: (kv % 3 != 1) & (kv <= q), False),
+}
+
+
+@pytest.mark.parametrize("name", BLOCK_MASK_MODS)
+def test_block_mask_records_its_rows_hulls(name):
+    mask_mod, contiguous = BLOCK_MASK_MODS[name]
+    dense = np.broadcast_to(mask_mod(*np.ix_(*map(np.arange, (B, HQ, L, L)))), (B, HQ, L, L))
+    lo, hi, exact = _hull(dense)
+    assert exact == contiguous
+    mask = tfx.create_block_mask(mask_mod, B, HQ, L, L, BLOCK_SIZE=16)
+    np.testing.assert_array_equal(mask.lo, lo)
+    np.testing.assert_array_equal(mask.hi, hi)
+    assert bool(mask.exact) == exact
+
+
+@pytest.mark.parametrize("name", ["documents", "strided"])
+def test_block_mask_given_to_jit_matches_its_dense_mask(name):
+    """A block mask made once and passed to a jitted function (its arrays traced): exact hulls
+    run on the key intervals alone (a lax.cond on the traced flag), other masks as before."""
+    mask_mod = BLOCK_MASK_MODS[name][0]
+    block_mask = tfx.create_block_mask(mask_mod, B, None, L, L, BLOCK_SIZE=16)
+    dense = torch.tensor(np.broadcast_to(mask_mod(*np.ix_(*map(np.arange, (B, 1, L, L)))),
+                                         (B, 1, L, L)))
+    args = (Q, K[:, :, :L], V[:, :, :L])
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in args)
+    want = dense_attention(tq, tk, tv, None, lambda b, h, q, kv: dense[b, 0, q, kv])
+    want.backward(torch.tensor(DOUT))
+    flex = lambda q, k, v, mask: tfx.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    got, vjp = jax.jit(lambda *a: jax.vjp(lambda *x: flex(*x, a[-1]), *a[:-1]))(
+        *args, block_mask)
+    with jax.disable_jit():
+        np.testing.assert_allclose(flex(*args, block_mask), got, atol=1e-6)
+    np.testing.assert_allclose(got, want.detach().numpy(), atol=2e-5)
+    for g, x in zip(vjp(jnp.asarray(DOUT)), (tq, tk, tv)):
+        np.testing.assert_allclose(g, x.grad.numpy(), atol=2e-5)
+
+
+def _mask_fns(jaxpr) -> list:
+    """The mask_fn of every attention op in ``jaxpr`` and the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transformax_sdpa":
+            found.append(eqn.params["problem"].mask_fn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _mask_fns(sub)
+    return found
+
+
+def test_exact_block_mask_never_evaluates_its_mask_mod_again():
+    mask_mod = BLOCK_MASK_MODS["documents"][0]
+    block_mask = tfx.create_block_mask(mask_mod, B, None, L, L, BLOCK_SIZE=16)
+    args = (Q, K[:, :, :L], V[:, :, :L])
+    flex = lambda q, k, v, mask: tfx.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    # Known when traced (a concrete block mask): one op, on the key intervals alone.
+    assert _mask_fns(jax.make_jaxpr(lambda *a: flex(*a, block_mask))(*args).jaxpr) == [None]
+    # Traced: a lax.cond between the intervals alone and the mask_mod.
+    fns = _mask_fns(jax.make_jaxpr(flex)(*args, block_mask).jaxpr)
+    assert len(fns) == 2 and fns.count(None) == 1
 
 
 def test_block_mask_classifies_its_tiles():

@@ -3,6 +3,7 @@ the attention primitive. The contract is ``torch.nn.functional.scaled_dot_produc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -76,6 +77,7 @@ class _Call:
         self.scale = 1.0 / math.sqrt(self.head_dim) if scale is None else _concrete(scale, "scale")
         batch, heads = self.q.shape[:2]
         fields, extras = {"causal_offset": 0 if is_causal else None}, {}
+        self.hull_exact = None
         if isinstance(attn_mask, masks.Mask):
             self._structure(attn_mask, batch, heads, fields, extras)
         elif attn_mask is not None:
@@ -107,6 +109,7 @@ class _Call:
                                  f"{what} {got} but query/key give {want} (shapes "
                                  f"(L, S) = {(self.q_len, self.kv_len)}, batch {batch})")
         form = masks.structure(mask, batch, self.q_len, self.kv_len)
+        self.hull_exact = form.hull_exact
         fields["causal_offset"] = form.causal_offset
         if form.bounds is not None:
             fields["bounds"], extras["bounds"] = form.bounds[0].shape[0], form.bounds
@@ -173,15 +176,27 @@ class _Call:
         p = self.problem
         return 0 in (p.batch, p.q_heads, p.q_len, p.kv_len)
 
-    def run(self, plan):
-        p = self.problem
+    def run(self, problem: Problem, extras: Extras):
+        """``(out, lse)`` of ``problem`` (this call's, or its ``lean`` one) by the planned
+        kernels."""
+        p = problem
         if self.is_empty:  # no keys (or no queries): every row attends to nothing, as in torch
             out = jnp.zeros((p.batch, p.q_heads, p.q_len, p.v_head_dim), self.q.dtype)
             lse = jnp.full(out.shape[:-1], -jnp.inf, p.acc_dtype)
         else:
-            out, lse = attention(p, plan, self.q, self.k, self.v, self.extras)
+            plan = select.plan(p)
+            if dict(plan).get(current_platform()) is None:
+                raise select.no_kernel_error(p, current_platform())
+            p = select.with_configs(p, plan)
+            out, lse = attention(p, plan, self.q, self.k, self.v, extras)
         out = out.reshape(*self.batch_shape, self.q_len, out.shape[-1])
         return out, lse.reshape(*self.batch_shape, self.q_len)
+
+    def lean(self) -> tuple[Problem, Extras]:
+        """The call without its generic mask_mod: right where ``hull_exact`` (the key intervals
+        then hold the whole mask)."""
+        return (dataclasses.replace(self.problem, mask_fn=None, table_blocks=None),
+                self.extras._replace(table=None, mask_consts=()))
 
 
 def _broadcast_or_none(a, b):
@@ -254,13 +269,17 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
 
 
 def _attend(call: _Call, return_lse: bool):
-    problem, platform = call.problem, current_platform()
-    plan = None if call.is_empty else select.plan(problem)
-    if plan is not None and dict(plan).get(platform) is None:
-        raise select.no_kernel_error(problem, platform)
-    if plan is not None:
-        call.problem = select.with_configs(problem, plan)
-    out, lse = call.run(plan)
+    """Runs ``call``. A block mask whose row hulls are exact (``create_block_mask`` found every
+    row's visible keys contiguous: documents, windows, causal) runs on its key intervals alone,
+    the mask_mod never evaluated again: chosen here where that is known, else by ``lax.cond``
+    (a block mask traced under ``jit``)."""
+    full, exact = (call.problem, call.extras), call.hull_exact
+    try:
+        exact = None if exact is None else bool(exact)
+    except jax.errors.ConcretizationTypeError:
+        out, lse = jax.lax.cond(exact, lambda: call.run(*call.lean()), lambda: call.run(*full))
+    else:
+        out, lse = call.run(*(call.lean() if exact else full))
     return (out, lse) if return_lse else out
 
 

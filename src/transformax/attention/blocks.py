@@ -173,12 +173,7 @@ def materialise(problem: Problem, extras: Extras | None, limit: int, check_only:
 
     with jax.ensure_compile_time_eval() if static else contextlib.nullcontext():
         dense = dense_mask()
-        cols = jnp.arange(p.kv_len, dtype=jnp.int32)
-        rows = dense.any(axis=1)  # (batch, L, S): the union over heads
-        lo = jnp.min(jnp.where(rows, cols, p.kv_len), axis=-1)
-        hi = jnp.max(jnp.where(rows, cols + 1, 0), axis=-1)
-        lo = jnp.minimum(lo, hi)  # rows seeing no key: [0, 0)
-        convex = jnp.all(dense.sum(axis=-1, dtype=jnp.int32) == (hi - lo)[:, None])
+        lo, hi, convex = row_hull(dense)
     if static:
         convex = bool(convex)
         if not convex:  # evaluated again where it runs, not embedded as a constant
@@ -205,20 +200,37 @@ def evaluate(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, q0=0, kv
     return jnp.broadcast_to(out, (batch, heads, q_len, kv_len)).astype(bool)
 
 
+def row_hull(dense):
+    """Each row's hull ``[first visible key, last + 1)`` of a bool ``(batch, heads, L, S)`` mask,
+    as the union over heads, ``(batch, L)`` int32 each (``[0, 0)`` for rows seeing nothing), and
+    whether every row of every head sees exactly its hull (a bool scalar)."""
+    kv_len = dense.shape[-1]
+    cols = jnp.arange(kv_len, dtype=jnp.int32)
+    rows = dense.any(axis=1)
+    lo = jnp.min(jnp.where(rows, cols, kv_len), axis=-1)
+    hi = jnp.max(jnp.where(rows, cols + 1, 0), axis=-1)
+    lo = jnp.minimum(lo, hi)
+    return lo, hi, jnp.all(dense.sum(axis=-1, dtype=jnp.int32) == (hi - lo)[:, None])
+
+
 def table(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, block_q: int,
           block_k: int):
-    """Classes of ``mask_mod`` (a function of scalar indices) at ``block_q x block_k``, computed
-    exactly one query block at a time: ``(batch, heads, nq, nk)`` int8."""
+    """``mask_mod`` (a function of scalar indices) analysed exactly one query block at a time:
+    the classes of its ``block_q x block_k`` tiles, ``(batch, heads, nq, nk)`` int8, and its
+    rows' ``row_hull`` (``lo``, ``hi`` ``(batch, q_len)``, and whether they are exact)."""
     nq, nk = cdiv(q_len, block_q), cdiv(kv_len, block_k)
 
     def one_row(i):
         rows = jnp.arange(block_q, dtype=jnp.int32) + i * block_q
         dense = evaluate(mask_mod, batch, heads, block_q, nk * block_k, q0=i * block_q)
         inside = (rows[:, None] < q_len) & (jnp.arange(nk * block_k)[None, :] < kv_len)
+        dense = dense & inside
         tiles = dense.reshape(batch, heads, block_q, nk, block_k)
         inside = inside.reshape(block_q, nk, block_k)
-        any_visible = jnp.any(tiles & inside[:, :, :], axis=(2, 4))
+        any_visible = jnp.any(tiles, axis=(2, 4))
         full = jnp.all(tiles | ~inside, axis=(2, 4))
-        return _from_any_full(any_visible, full)
+        return (_from_any_full(any_visible, full), *row_hull(dense))
 
-    return jnp.moveaxis(jax.lax.map(one_row, jnp.arange(nq)), 0, 2)
+    classes, lo, hi, exact = jax.lax.map(one_row, jnp.arange(nq))
+    rows = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, nq * block_q)[:, :q_len]
+    return jnp.moveaxis(classes, 0, 2), rows(lo), rows(hi), jnp.all(exact)

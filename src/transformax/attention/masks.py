@@ -12,6 +12,7 @@ generic remainder evaluated elementwise from its ``mask_mod``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -284,11 +285,17 @@ class MaskMod(Mask):
 @dataclasses.dataclass(frozen=True)
 class BlockMask(Mask):
     """``create_block_mask``'s result: a mask and the class (empty / partial / full) of each of
-    its ``block_size`` tiles, so kernels skip the empty tiles and do no masking in full ones."""
+    its ``block_size`` tiles, so kernels skip the empty tiles and do no masking in full ones;
+    and each row's hull ``[lo, hi)`` (its first visible key to its last, over all heads), with
+    ``exact`` True where every row sees exactly its hull (documents, windows, causal): a call
+    then runs on the hull's key intervals alone, never evaluating the mask_mod again."""
 
     mask: Mask
     table: jax.Array  # int8 (B or 1, H or 1, nq, nk)
     block_size: tuple[int, int]
+    lo: jax.Array | None = None  # int32 (B or 1, L)
+    hi: jax.Array | None = None
+    exact: jax.Array | None = None  # bool scalar
 
     @property
     def q_len(self):
@@ -310,8 +317,9 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
                       device=None, BLOCK_SIZE: int | tuple[int, int] = 128) -> BlockMask:
     """torch's ``create_block_mask``: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over
     ``(B, H, Q_LEN, KV_LEN)`` (B or H None: the same for all) with the class of each
-    ``BLOCK_SIZE`` tile computed now (under ``jit`` too: the mask may depend on traced arrays).
-    ``device`` is accepted for torch compatibility and ignored."""
+    ``BLOCK_SIZE`` tile and each row's hull computed now (under ``jit`` too: the mask may depend
+    on traced arrays), once for every call given the result. ``device`` is accepted for torch
+    compatibility and ignored."""
     del device
     if not callable(mask_mod):
         raise TypeError(f"create_block_mask: mask_mod must be a function (b, h, q_idx, kv_idx) "
@@ -326,8 +334,9 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
             raise ValueError(f"create_block_mask: {name} must be None or an int >= 1; got "
                              f"{value!r}")
     mask = MaskMod(mask_mod, int(Q_LEN), int(KV_LEN))
-    table = blocks.table(mask.mask_mod, B or 1, H or 1, mask.q_len, mask.kv_len, block_q, block_k)
-    return BlockMask(mask, table, (int(block_q), int(block_k)))
+    table, lo, hi, exact = blocks.table(mask.mask_mod, B or 1, H or 1, mask.q_len, mask.kv_len,
+                                        block_q, block_k)
+    return BlockMask(mask, table, (int(block_q), int(block_k)), lo, hi, exact)
 
 
 def conjuncts(mask: Mask) -> list[Mask]:
@@ -347,6 +356,9 @@ class Structure:
     segments: tuple | None = None  # (q_ids (Bm, L), kv_ids (Bm, S)): int32
     generic: Mask | None = None
     table: tuple | None = None  # (classes (Bm, Hm, nq, nk), (block_q, block_k)) of generic
+    # A bool scalar where ``generic`` comes from block masks with row hulls (all in ``bounds``):
+    # True where the hulls are exact, so ``bounds`` alone is the mask.
+    hull_exact: jax.Array | bool | None = None
 
 
 def structure(mask: Mask, batch: int, q_len: int, kv_len: int) -> Structure:
@@ -355,19 +367,19 @@ def structure(mask: Mask, batch: int, q_len: int, kv_len: int) -> Structure:
     if len(parts) == 1 and isinstance(mask, Band) and mask.is_causal:
         return Structure(causal_offset=int(mask.offset))
     bounds = segments = table = None
-    generic = []
+    generic, exact = [], []
     for part in parts:
-        if isinstance(part, BlockMask) and table is None:
-            table = (part.table, part.block_size)
-            part = part.mask
+        if isinstance(part, BlockMask):
+            table = table or (part.table, part.block_size)
+            if part.lo is not None:
+                bounds = _intersect(bounds, (part.lo, part.hi), q_len, kv_len)
+                exact.append(part.exact)
+            generic.append(part.mask)
+            continue
         interval = part.bounds(batch)
         ids = part.segments()
         if interval is not None:
-            lo, hi = (jnp.broadcast_to(x, (x.shape[0], q_len)).astype(jnp.int32) for x in interval)
-            lo, hi = jnp.clip(lo, 0, kv_len), jnp.clip(hi, 0, kv_len)
-            if bounds is not None:
-                lo, hi = jnp.maximum(lo, bounds[0]), jnp.minimum(hi, bounds[1])
-            bounds = (lo, hi)
+            bounds = _intersect(bounds, interval, q_len, kv_len)
         elif ids is not None and segments is None:
             q_ids, kv_ids = (jnp.asarray(x).astype(jnp.int32) for x in ids)
             segments = (jnp.broadcast_to(q_ids, (q_ids.shape[0], q_len)), kv_ids)
@@ -379,7 +391,20 @@ def structure(mask: Mask, batch: int, q_len: int, kv_len: int) -> Structure:
     if table is not None and len(generic) > 1:
         # The table classifies one of several generic parts: its FULL tiles may be masked.
         table = (jnp.minimum(table[0], blocks.PARTIAL).astype(jnp.int8), table[1])
-    return Structure(bounds=bounds, segments=segments, generic=rest, table=table)
+    hull_exact = None
+    if exact and len(exact) == len(generic):
+        hull_exact = functools.reduce(jnp.logical_and, exact)
+    return Structure(bounds=bounds, segments=segments, generic=rest, table=table,
+                     hull_exact=hull_exact)
+
+
+def _intersect(bounds, interval, q_len: int, kv_len: int):
+    """``bounds`` (None or int32 ``(Bm, L)`` each) intersected with ``interval`` (clipped)."""
+    lo, hi = (jnp.broadcast_to(x, (x.shape[0], q_len)).astype(jnp.int32) for x in interval)
+    lo, hi = jnp.clip(lo, 0, kv_len), jnp.clip(hi, 0, kv_len)
+    if bounds is not None:
+        lo, hi = jnp.maximum(lo, bounds[0]), jnp.minimum(hi, bounds[1])
+    return lo, hi
 
 
 def causal_upper_left(q_len: int, kv_len: int) -> Band:
