@@ -23,7 +23,8 @@ def native_extensions():
         language="c++",
         extra_compile_args=flags,
         optional=True,
-    ), Extension("transformax._int8_cpu", sources=["csrc/int8_matmul.cc"], include_dirs=include,
+    ), Extension("transformax._int8_cpu", sources=["csrc/int8_matmul.cc"],
+                 depends=["csrc/int8_kernel.h"], include_dirs=include,
                  language="c++", extra_compile_args=flags, optional=True)]
 
 

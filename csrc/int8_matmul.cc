@@ -76,176 +76,68 @@ void scalar_columns(const Gemv& g, long c0, bool integer) {
 }
 
 // Column `e` of interleaved vector `v` (4 rows x one 128-bit lane of 16 columns per lane): the
-// byte unpacks below leave lane L's element 4L + j of vector v at column 16L + 4v + j.
+// byte unpacks (int8_kernel.h's interleave) leave lane L's element 4L + j of vector v at column
+// 16L + 4v + j.
 inline long column_of(int v, int e) { return 16 * (e >> 2) + 4 * v + (e & 3); }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+// vpdpbusd multiplies u8 by s8: the activations go in as x + 128, and 128 times the column sums
+// (vpdpbusd of ones) come off at the end of a pass. (Its f32 tile uses no VNNI instruction.)
 struct Avx512 {
-static constexpr long PANEL = 64;
-static constexpr int MR = 4;
-
-template <int MR>
-static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
-  float* y = static_cast<float*>(g.y) + r * g.n + c;
-  __m512 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v)
-      acc[i][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * g.n + 16 * v);
-  const float* x = static_cast<const float*>(g.x) + r * g.k;
-  const int8_t* wp = g.w + k0 * g.n + c;
-  for (long k = k0; k < k1; ++k, wp += g.n) {
-    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH_BYTES), _MM_HINT_T0);
-    __m512 wv[4];
-    for (int v = 0; v < 4; ++v)
-      wv[v] = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + 16 * v))));
-    for (int i = 0; i < MR; ++i) {
-      const __m512 xb = _mm512_set1_ps(x[i * g.k + k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(xb, wv[v], acc[i][v]);
-    }
+  static constexpr int VW = 16, MR = 4;
+  typedef int32_t vi __attribute__((vector_size(64)));
+  typedef __m512i Bytes;
+  static Bytes load_bytes(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static Bytes unpack8(Bytes a, Bytes b, bool hi) {
+    return hi ? _mm512_unpackhi_epi8(a, b) : _mm512_unpacklo_epi8(a, b);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v)
-      _mm512_storeu_ps(y + i * g.n + 16 * v,
-                       k1 < g.k ? acc[i][v]
-                                : _mm512_mul_ps(acc[i][v], _mm512_loadu_ps(g.scale + c + 16 * v)));
-}
-
-// Rows k0..k0+3 of the panel at column c (rows past k read as 0), interleaved: q[v] holds 16
-// columns (column_of) of 4 bytes, one per row.
-static inline void interleave(const Gemv& g, long k0, long c, __m512i q[4]) {
-  __m512i rows[4];
-  for (int j = 0; j < 4; ++j)
-    rows[j] = k0 + j < g.k ? _mm512_loadu_si512(g.w + (k0 + j) * g.n + c) : _mm512_setzero_si512();
-  const __m512i lo01 = _mm512_unpacklo_epi8(rows[0], rows[1]);
-  const __m512i hi01 = _mm512_unpackhi_epi8(rows[0], rows[1]);
-  const __m512i lo23 = _mm512_unpacklo_epi8(rows[2], rows[3]);
-  const __m512i hi23 = _mm512_unpackhi_epi8(rows[2], rows[3]);
-  q[0] = _mm512_unpacklo_epi16(lo01, lo23);
-  q[1] = _mm512_unpackhi_epi16(lo01, lo23);
-  q[2] = _mm512_unpacklo_epi16(hi01, hi23);
-  q[3] = _mm512_unpackhi_epi16(hi01, hi23);
-}
-
-template <int MR>
-static void s8_tile(const Gemv& g, long r, long c, long k0, long k1) {
-  int32_t* y = static_cast<int32_t*>(g.y) + r * g.n + c;
-  __m512i acc[MR][4], colsum[4];
-  for (int i = 0; i < MR; ++i)  // between passes y holds the sums in interleaved order
-    for (int v = 0; v < 4; ++v)
-      acc[i][v] = k0 == 0 ? _mm512_setzero_si512() : _mm512_loadu_si512(y + i * g.n + 16 * v);
-  for (auto& s : colsum) s = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8(-128);
-  for (long k = k0; k < k1; k += 4) {
-    for (int j = 0; j < 4; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(g.w + (k + j) * g.n + c + PREFETCH_BYTES),
-                   _MM_HINT_T0);
-    __m512i q[4];
-    interleave(g, k, c, q);
-    for (int v = 0; v < 4; ++v) colsum[v] = _mm512_dpbusd_epi32(colsum[v], ones, q[v]);
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xb = _mm512_xor_si512(_mm512_set1_epi32(x_quad(g, r + i, k)), bias);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], xb, q[v]);
-    }
+  static vi unpack16(Bytes a, Bytes b, bool hi) {
+    return vi(hi ? _mm512_unpackhi_epi16(a, b) : _mm512_unpacklo_epi16(a, b));
   }
-  alignas(64) int32_t out[16];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) {
-      const __m512i sum = _mm512_sub_epi32(acc[i][v], _mm512_slli_epi32(colsum[v], 7));
-      if (k1 < g.k) {
-        _mm512_storeu_si512(y + i * g.n + 16 * v, sum);
-        continue;
-      }
-      _mm512_store_si512(out, sum);
-      for (int e = 0; e < 16; ++e) y[i * g.n + column_of(v, e)] = out[e];
+  static vi dot(vi acc, int32_t x4, vi q) {
+    const __m512i xu = _mm512_xor_si512(_mm512_set1_epi32(x4), _mm512_set1_epi8(-128));
+    return vi(_mm512_dpbusd_epi32(__m512i(acc), xu, __m512i(q)));
+  }
+  struct Colsum {
+    vi sum[4] = {};
+    void add(const vi q[4]) {
+      for (int v = 0; v < 4; ++v)
+        sum[v] = vi(_mm512_dpbusd_epi32(__m512i(sum[v]), _mm512_set1_epi8(1), __m512i(q[v])));
     }
-}
+    vi finish(vi acc, int v) const { return acc - (sum[v] << 7); }
+  };
+#include "int8_kernel.h"
 };
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+// vpmaddubsw multiplies u8 by s8: |x| by sign(x) * w (|x| <= 128 and |w| <= 127, so its int16
+// pair sums cannot saturate), and vpmaddwd adds the pairs into int32.
 struct Avx2 {
-static constexpr long PANEL = 32;
-static constexpr int MR = 2;
-
-template <int MR>
-static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
-  float* y = static_cast<float*>(g.y) + r * g.n + c;
-  __m256 acc[MR][4];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v)
-      acc[i][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(y + i * g.n + 8 * v);
-  const float* x = static_cast<const float*>(g.x) + r * g.k;
-  const int8_t* wp = g.w + k0 * g.n + c;
-  for (long k = k0; k < k1; ++k, wp += g.n) {
-    _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH_BYTES), _MM_HINT_T0);
-    __m256 wv[4];
-    for (int v = 0; v < 4; ++v)
-      wv[v] = _mm256_cvtepi32_ps(
-          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp + 8 * v))));
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xb = _mm256_set1_ps(x[i * g.k + k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm256_fmadd_ps(xb, wv[v], acc[i][v]);
-    }
+  static constexpr int VW = 8, MR = 2;
+  typedef int32_t vi __attribute__((vector_size(32)));
+  typedef __m256i Bytes;
+  static Bytes load_bytes(const int8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v)
-      _mm256_storeu_ps(y + i * g.n + 8 * v,
-                       k1 < g.k ? acc[i][v]
-                                : _mm256_mul_ps(acc[i][v], _mm256_loadu_ps(g.scale + c + 8 * v)));
-}
-
-static inline void interleave(const Gemv& g, long k0, long c, __m256i q[4]) {
-  __m256i rows[4];
-  for (int j = 0; j < 4; ++j)
-    rows[j] = k0 + j < g.k
-                  ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.w + (k0 + j) * g.n + c))
-                  : _mm256_setzero_si256();
-  const __m256i lo01 = _mm256_unpacklo_epi8(rows[0], rows[1]);
-  const __m256i hi01 = _mm256_unpackhi_epi8(rows[0], rows[1]);
-  const __m256i lo23 = _mm256_unpacklo_epi8(rows[2], rows[3]);
-  const __m256i hi23 = _mm256_unpackhi_epi8(rows[2], rows[3]);
-  q[0] = _mm256_unpacklo_epi16(lo01, lo23);
-  q[1] = _mm256_unpackhi_epi16(lo01, lo23);
-  q[2] = _mm256_unpacklo_epi16(hi01, hi23);
-  q[3] = _mm256_unpackhi_epi16(hi01, hi23);
-}
-
-template <int MR>
-static void s8_tile(const Gemv& g, long r, long c, long k0, long k1) {
-  int32_t* y = static_cast<int32_t*>(g.y) + r * g.n + c;
-  __m256i acc[MR][4];
-  for (int i = 0; i < MR; ++i)  // between passes y holds the sums in interleaved order
-    for (int v = 0; v < 4; ++v)
-      acc[i][v] = k0 == 0 ? _mm256_setzero_si256()
-                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i * g.n + 8 * v));
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (long k = k0; k < k1; k += 4) {
-    for (int j = 0; j < 4; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(g.w + (k + j) * g.n + c + PREFETCH_BYTES),
-                   _MM_HINT_T0);
-    __m256i q[4];
-    interleave(g, k, c, q);
-    for (int i = 0; i < MR; ++i) {
-      const __m256i xb = _mm256_set1_epi32(x_quad(g, r + i, k));
-      const __m256i ax = _mm256_abs_epi8(xb);
-      for (int v = 0; v < 4; ++v) {
-        const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(q[v], xb));
-        acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(pairs, ones));
-      }
-    }
+  static Bytes unpack8(Bytes a, Bytes b, bool hi) {
+    return hi ? _mm256_unpackhi_epi8(a, b) : _mm256_unpacklo_epi8(a, b);
   }
-  alignas(32) int32_t out[8];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < 4; ++v) {
-      __m256i* dst = reinterpret_cast<__m256i*>(k1 < g.k ? y + i * g.n + 8 * v : out);
-      _mm256_storeu_si256(dst, acc[i][v]);
-      if (k1 == g.k)
-        for (int e = 0; e < 8; ++e) y[i * g.n + column_of(v, e)] = out[e];
-    }
-}
+  static vi unpack16(Bytes a, Bytes b, bool hi) {
+    return vi(hi ? _mm256_unpackhi_epi16(a, b) : _mm256_unpacklo_epi16(a, b));
+  }
+  static vi dot(vi acc, int32_t x4, vi q) {
+    const __m256i xb = _mm256_set1_epi32(x4);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(__m256i(q), xb));
+    return acc + vi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  struct Colsum {
+    void add(const vi*) {}
+    vi finish(vi acc, int) const { return acc; }
+  };
+#include "int8_kernel.h"
 };
 #pragma GCC pop_options
 

@@ -227,8 +227,24 @@ def linear_bench(args) -> list[dict]:
     return rows
 
 
+def one_row_kernels(params) -> str:
+    """The cpu kernel a one-row (decoding) product runs for the first quantized layer and for
+    the quantized tied head, if any."""
+    chosen = []
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
+            x, (quant.QuantizedWeight, quant.QuantizedTable))):
+        if isinstance(leaf, (quant.QuantizedWeight, quant.QuantizedTable)):
+            w = leaf.T if isinstance(leaf, quant.QuantizedTable) else leaf
+            name = quant.explain(jnp.zeros((1, w.shape[0])), w).chosen("cpu").value
+            head = isinstance(leaf, quant.QuantizedTable)
+            if (head or not chosen) and f"{'head ' * head}{name}" not in chosen:
+                chosen.append(f"{'head ' * head}{name}")
+    return ", ".join(chosen) or "-"
+
+
 def decode_bench(args) -> list[dict]:
-    """GPT-2-small shape (random weights), batch 1, greedy: tokens/s and parameter bytes."""
+    """GPT-2-small shape (random weights), batch 1, greedy: tokens/s, parameter bytes and the
+    kernel a one-row product runs."""
     cfg = gpt.Config()
     params = jax.jit(gpt.init, static_argnums=1)(jax.random.key(0), cfg)
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 8)), jnp.int32)
@@ -255,14 +271,17 @@ def decode_bench(args) -> list[dict]:
         nbytes = sum(x.nbytes for x in jax.tree.leaves(p))
         rows.append({"name": name, "median_s": t, "tokens_per_s": args.new_tokens / t,
                      "speedup_vs_f32": base / t, "param_bytes": nbytes,
+                     "kernel_one_row": one_row_kernels(p),
                      "same_tokens_as_f32": bool((tokens[name] == tokens["f32"]).all()),
                      "first_call_s": compile_s[name]})
     print(f"\nDecode: GPT-2 small (random weights), batch 1, prompt 8, {args.new_tokens} new "
           f"tokens, greedy (prefill included)")
-    print(f"{'params':<36} {'tokens/s':>9} {'vs f32':>7} {'param MiB':>10} {'same tokens':>12}")
+    print(f"{'params':<36} {'tokens/s':>9} {'vs f32':>7} {'param MiB':>10} {'same tokens':>12}  "
+          f"kernel (1 row)")
     for r in rows:
         print(f"{r['name']:<36} {r['tokens_per_s']:>9.1f} {r['speedup_vs_f32']:>6.2f}x "
-              f"{r['param_bytes'] / 2**20:>10.0f} {str(r['same_tokens_as_f32']):>12}")
+              f"{r['param_bytes'] / 2**20:>10.0f} {str(r['same_tokens_as_f32']):>12}  "
+              f"{r['kernel_one_row']}")
     return rows
 
 

@@ -12,7 +12,7 @@ import torch
 
 from transformax import host, nn, quant, tuning
 from transformax.quant import tune
-from transformax.quant.kernels import pallas_triton
+from transformax.quant.kernels import cpu_int8, pallas_triton
 from transformax.quant.problem import Problem
 
 M, K, N = 8, 64, 48
@@ -20,6 +20,8 @@ RNG = np.random.RandomState(0)
 W = RNG.standard_normal((K, N)).astype(np.float32)
 X = (RNG.standard_normal((M, K)) * np.linspace(0.1, 10, M)[:, None] + 0.5).astype(np.float32)
 linear = jax.jit(nn.linear)
+NATIVE = not cpu_int8.reasons_unsupported(Problem.of(jnp.asarray(X), quant.quantize(
+    {"w": jnp.asarray(W)}, "int8-weight")["w"]), "cpu")
 
 RECIPES = {
     "dynamic": quant.Recipe(activations="dynamic"),
@@ -88,6 +90,7 @@ def test_every_kernel_matches_dequantize_then_matmul(name, monkeypatch):
     assert (quant.Kernel.XLA_INT8 in kernels) == (recipe.activations != "none" and integer)
     assert (quant.Kernel.XLA_INT8X2 in kernels) == (recipe.activations == "none")
     assert (quant.Kernel.PALLAS_TRITON in kernels) == (integer and recipe.bits == 8)
+    assert (quant.Kernel.CPU_INT8 in kernels) == (integer and recipe.bits == 8 and NATIVE)
     ref = reference(recipe, qparams["w"])
     for k in kernels:
         with quant.kernel([k]):
@@ -138,7 +141,8 @@ def test_pallas_triton_jit_matches_eager(name, monkeypatch):
 def test_selection_explain_and_kernel_context():
     qw = quant.quantize({"w": jnp.asarray(W)}, "int8-dynamic")["w"]
     e = quant.explain(X, qw)
-    assert e.chosen("cpu") == quant.Kernel.XLA_INT8 and e.chosen("tpu") == quant.Kernel.XLA_INT8
+    first = quant.Kernel.CPU_INT8 if NATIVE else quant.Kernel.XLA_INT8  # 8 rows: decoding's
+    assert e.chosen("cpu") == first and e.chosen("tpu") == quant.Kernel.XLA_INT8
     text = str(e)
     assert "int8 matmul '<root>': (8, 64) @ (64, 48)" in text
     assert ("pallas_triton  cannot run: runs on cpu only in Pallas interpret mode "
@@ -152,7 +156,7 @@ def test_selection_explain_and_kernel_context():
         assert "xla_int8       excluded by quant.kernel" in str(e)
     weight_only = quant.quantize({"w": jnp.asarray(W)}, "int8-weight")
     with quant.kernel(["xla_int8"]), pytest.raises(
-            RuntimeError, match=r"no kernel can run it on cpu:\n.*xla_int8: cannot run: "
+            RuntimeError, match=r"(?s)no kernel can run it on cpu:\n.*xla_int8: cannot run: "
                                 r"weight-only recipe"):
         nn.linear(weight_only, jnp.asarray(X))
 

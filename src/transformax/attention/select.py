@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from typing import ClassVar
 
-import jax
-
+from transformax import selection
 from transformax.attention import backends, tune
 from transformax.attention.problem import Problem
 
@@ -35,9 +35,7 @@ PRIORITY = {
             Backend.PALLAS_TPU),
 }
 
-# (allowed backends, set_priority) or None. A JAX user context: part of jit's cache key, so a
-# function jitted outside a ``sdpa_kernel`` block is traced again inside one. Per thread.
-_allowed = jax.make_user_context(None)
+_context = selection.KernelContext(Backend, "sdpa_kernel", "backends", "tfx.Backend")  # per thread
 
 
 def kernel(backend: Backend):
@@ -45,23 +43,13 @@ def kernel(backend: Backend):
     return backends.KERNELS[Backend(backend).value]
 
 
-@contextlib.contextmanager
-def sdpa_kernel(backends: Backend | Iterable[Backend], set_priority: bool = False) -> Iterator[None]:
+def sdpa_kernel(backends: Backend | Iterable[Backend],
+                set_priority: bool = False) -> contextlib.AbstractContextManager[None]:
     """Limits ``sdpa`` to ``backends`` inside the block (like ``torch.nn.attention.sdpa_kernel``).
 
     With ``set_priority=True`` the order of ``backends`` replaces the platform's priority.
     """
-    if isinstance(backends, (Backend, str)):
-        backends = [backends]
-    try:
-        chosen = tuple(Backend(b) for b in backends)
-    except ValueError as err:
-        raise ValueError(f"sdpa_kernel: backends must be tfx.Backend values, "
-                         f"one of {[b.value for b in Backend]}; got {list(backends)!r}") from err
-    if not chosen:
-        raise ValueError("sdpa_kernel: backends is empty; name at least one tfx.Backend")
-    with _allowed((chosen, set_priority)):
-        yield
+    return _context.limit(backends, set_priority)
 
 
 def reasons_unsupported(backend: Backend, problem: Problem, platform: str) -> list[str]:
@@ -72,38 +60,25 @@ def reasons_unsupported(backend: Backend, problem: Problem, platform: str) -> li
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
-    """One kernel on one platform: its rank, whether it is chosen, and why it cannot run."""
+class Verdict(selection.Verdict):
+    """One kernel (``backend``) on one platform: whether it is chosen (and its configuration),
+    and why it cannot run."""
 
-    platform: str
-    backend: Backend
-    allowed: bool
-    reasons: tuple[str, ...]
-    chosen: bool = False
     config: str | None = None  # the chosen kernel's configuration and its source
+    excluded_by: ClassVar[str] = "sdpa_kernel"
 
     @property
-    def eligible(self) -> bool:
-        return self.allowed and not self.reasons
+    def backend(self) -> Backend:
+        return self.kernel
 
-    def describe(self) -> str:
-        if self.chosen:
-            return "chosen" + (f" [{self.config}]" if self.config else "")
-        if not self.allowed:
-            return "excluded by sdpa_kernel"
-        return "eligible" if self.eligible else "cannot run: " + "; ".join(self.reasons)
+    def chosen_note(self) -> str:
+        return f" [{self.config}]" if self.config else ""
 
 
 def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     """Every kernel for ``platform``, in the order the selector tries them."""
-    context = _allowed.value
-    order = list(PRIORITY[platform])
-    if context is not None and context[1]:
-        order = list(context[0]) + [b for b in order if b not in context[0]]
-    order += [b for b in Backend if b not in order]
     rows, found = [], False
-    for backend in order:
-        allowed = context is None or backend in context[0]
+    for backend, allowed in _context.order(PRIORITY[platform]):
         if allowed and backend not in PRIORITY[platform]:
             reasons = (f"not a {platform} kernel",)
         else:
@@ -156,20 +131,13 @@ def exportable(problem: Problem, platform: str, name: str) -> str:
 
 
 def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:
-    lines = [f"  {v.backend.value}: {v.describe()}" for v in verdicts(problem, platform)]
     return RuntimeError(f"sdpa: no attention kernel can run these inputs on {platform}:\n"
-                        + "\n".join(lines))
+                        + selection.listing(verdicts(problem, platform)))
 
 
 @dataclasses.dataclass(frozen=True)
-class Explanation:
+class Explanation(selection.Explanation):
     """What ``explain`` returns: a verdict per platform and kernel; ``str()`` prints a table."""
-
-    problem: Problem
-    rows: tuple[Verdict, ...]
-
-    def chosen(self, platform: str) -> Backend | None:
-        return next((v.backend for v in self.rows if v.platform == platform and v.chosen), None)
 
     def __str__(self) -> str:
         p = self.problem

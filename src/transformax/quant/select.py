@@ -12,10 +12,10 @@ import contextlib
 import dataclasses
 import enum
 import importlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from typing import ClassVar
 
-import jax
-
+from transformax import selection
 from transformax.attention.primitive import current_platform
 from transformax.attention.select import PLATFORMS
 from transformax.quant import tune
@@ -42,9 +42,7 @@ PRIORITY = {
     "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2, Kernel.DEQUANT),
 }
 
-# (allowed kernels, set_priority) or None. A JAX user context: part of jit's cache key, so a
-# function jitted outside a ``kernel`` block is traced again inside one.
-_allowed = jax.make_user_context(None)
+_context = selection.KernelContext(Kernel, "quant.kernel", "kernels", "quant.Kernel")
 
 
 def module(kernel_: Kernel):
@@ -52,23 +50,11 @@ def module(kernel_: Kernel):
     return importlib.import_module(f"transformax.quant.kernels.{Kernel(kernel_).value}")
 
 
-@contextlib.contextmanager
 def kernel(kernels: Kernel | str | Iterable[Kernel | str],
-           set_priority: bool = False) -> Iterator[None]:
+           set_priority: bool = False) -> contextlib.AbstractContextManager[None]:
     """Limits int8 matmuls traced inside the block to ``kernels``; with ``set_priority=True``
     their order replaces the platform's priority."""
-    if isinstance(kernels, (Kernel, str)):
-        kernels = [kernels]
-    kernels = list(kernels)
-    try:
-        chosen = tuple(Kernel(k) for k in kernels)
-    except ValueError as err:
-        raise ValueError(f"quant.kernel: kernels must be quant.Kernel values, one of "
-                         f"{[k.value for k in Kernel]}; got {kernels!r}") from err
-    if not chosen:
-        raise ValueError("quant.kernel: kernels is empty; name at least one quant.Kernel")
-    with _allowed((chosen, set_priority)):
-        yield
+    return _context.limit(kernels, set_priority)
 
 
 def reasons_unsupported(kernel_: Kernel, problem: Problem, platform: str) -> list[str]:
@@ -78,39 +64,26 @@ def reasons_unsupported(kernel_: Kernel, problem: Problem, platform: str) -> lis
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
-    """One kernel on one platform: allowed by ``quant.kernel``, chosen, why it cannot run."""
+class Verdict(selection.Verdict):
+    """One kernel on one platform: allowed by ``quant.kernel``, chosen (and why), why it cannot
+    run."""
 
-    platform: str
-    kernel: Kernel
-    allowed: bool
-    reasons: tuple[str, ...]
-    chosen: bool = False
     source: str = "priority"  # why chosen: priority, host default, or pinned / cache / tuned
+    excluded_by: ClassVar[str] = "quant.kernel"
 
-    def describe(self) -> str:
-        if self.chosen:
-            return f"chosen ({self.source})"
-        if not self.allowed:
-            return "excluded by quant.kernel"
-        return "cannot run: " + "; ".join(self.reasons) if self.reasons else "eligible"
+    def chosen_note(self) -> str:
+        return f" ({self.source})"
 
 
 def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     """Every kernel for ``platform``, in the order the selector tries them."""
-    context = _allowed.value
-    order = list(PRIORITY[platform])
-    if context is not None and context[1]:
-        order = list(context[0]) + [k for k in order if k not in context[0]]
-    order += [k for k in Kernel if k not in order]
-    rows = [Verdict(platform, k, context is None or k in context[0],
-                    tuple(reasons_unsupported(k, problem, platform))) for k in order]
-    eligible = [v.kernel for v in rows if v.allowed and not v.reasons]
+    rows = [Verdict(platform, k, allowed, tuple(reasons_unsupported(k, problem, platform)))
+            for k, allowed in _context.order(PRIORITY[platform])]
+    eligible = [v.kernel for v in rows if v.eligible]
     if not eligible:
         return rows
     best, source = eligible[0], "priority"
-    ordered_by_caller = context is not None and context[1]
-    if len(eligible) > 1 and platform == current_platform() and not ordered_by_caller:
+    if len(eligible) > 1 and platform == current_platform() and not _context.caller_ordered:
         choice = tune.choose(problem, eligible, module)
         if choice.config.kernel in {k.value for k in eligible}:
             best = Kernel(choice.config.kernel)
@@ -129,21 +102,14 @@ def plan(problem: Problem) -> dict[str, Kernel | None]:
 
 
 def no_kernel_error(problem: Problem, platform: str) -> RuntimeError:
-    lines = [f"  {v.kernel.value}: {v.describe()}" for v in verdicts(problem, platform)]
     return RuntimeError(f"{problem.describe()}: no kernel can run it on {platform}:\n"
-                        + "\n".join(lines))
+                        + selection.listing(verdicts(problem, platform)))
 
 
 @dataclasses.dataclass(frozen=True)
-class Explanation:
+class Explanation(selection.Explanation):
     """What ``quant.explain`` returns: a verdict per platform and kernel; ``str()`` is a
     table."""
-
-    problem: Problem
-    rows: tuple[Verdict, ...]
-
-    def chosen(self, platform: str) -> Kernel | None:
-        return next((v.kernel for v in self.rows if v.platform == platform and v.chosen), None)
 
     def __str__(self) -> str:
         lines = [self.problem.describe()]

@@ -16,29 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformax import host
+from transformax import host, native
 from transformax.quant.kernels import _int8_dot
 from transformax.quant.problem import Problem
 from transformax.quant.qweight import QuantizedWeight
 
-try:
-    from transformax import _int8_cpu
-except ImportError as err:  # not built (not x86-64, or no compiler at install time)
-    _int8_cpu, _IMPORT_ERROR = None, str(err)
-else:
-    jax.ffi.register_ffi_target("tfx_cpu_int8_f32", _int8_cpu.matmul_f32, platform="cpu")
-    jax.ffi.register_ffi_target("tfx_cpu_int8_s8", _int8_cpu.matmul_s8, platform="cpu")
+EXTENSION = native.load("_int8_cpu", {"tfx_cpu_int8_f32": "matmul_f32",
+                                      "tfx_cpu_int8_s8": "matmul_s8"})
 
 MAX_ROWS = 16  # more rows: a GEMM, where XLA's (YNNPACK) kernels reuse the weight better
 _ISA_CODES = {"avx2": 0, "avx512": 1, "avx512_vnni": 2}
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = []
-    if _int8_cpu is None:
-        reasons.append(f"the native extension is not built ({_IMPORT_ERROR})")
-    elif host.current().isa not in _ISA_CODES:
-        reasons.append("this CPU lacks AVX2+FMA")
+    reasons = EXTENSION.reasons_unsupported(("avx2", "avx512"))
     if problem.m > MAX_ROWS:
         reasons.append(f"{problem.m} rows: a kernel for at most {MAX_ROWS} (decoding); XLA's "
                        f"GEMM reuses the weight better on more")
