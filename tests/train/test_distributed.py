@@ -101,8 +101,10 @@ common = [f"out_dir={out}", "log.progress=false", "sample.num=0", "train.steps=6
           "train.batch_size=8", "log.every=1", "eval.every=0", "eval.batches=1",
           "checkpoint.every=3"]
 result = train.train(train.load(tiny, common + overrides), stop_at=int(stop_at) or None)
+qkv = result.state.params["blocks"][0]["attn"]["qkv"]["w"]
 print(json.dumps({"process": jax.process_index(), "devices": len(jax.devices()),
-                  "loss": [r["loss"] for r in result.records if "loss" in r]}))
+                  "loss": [r["loss"] for r in result.records if "loss" in r],
+                  "qkv": [list(qkv.sharding.spec), list(qkv.addressable_shards[0].data.shape)]}))
 """
 
 
@@ -131,17 +133,22 @@ def _results(procs) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume(tmp_path):
-    """Two processes (one CPU device each, data parallel over both, CPU collectives) train the
-    same losses as one process; stopped at step 3 and restarted, they restore the collective
-    checkpoint and continue the same curve. Only process 0 writes the run folder's files."""
+@pytest.mark.parametrize("mesh, qkv", [([], [[None, None], [64, 192]]),
+                                       (["mesh.fsdp=2"], [[None, "fsdp"], [64, 96]])],
+                         ids=["data", "fsdp"])
+def test_two_processes_match_one_and_resume(tmp_path, mesh, qkv):
+    """Two processes (one CPU device each, data parallel over both or FSDP across them, CPU
+    collectives) train the same losses as one process; stopped at step 3 and restarted, they
+    restore the collective checkpoint (FSDP: each process its half of the parameters and
+    moments) and continue the same curve. Only process 0 writes the run folder's files."""
     port = random.randint(20000, 40000)
     one = _launch(tmp_path, 0, "name=one")
-    first = _launch(tmp_path, 3, "name=two", processes=2, port=port)
+    first = _launch(tmp_path, 3, "name=two", *mesh, processes=2, port=port)
     want = _results(one)[0]["loss"]
     before = _results(first)
-    after = _results(_launch(tmp_path, 0, "name=two", processes=2, port=port + 1))
+    after = _results(_launch(tmp_path, 0, "name=two", *mesh, processes=2, port=port + 1))
     assert [r["devices"] for r in before] == [2, 2] and len(want) == 6
+    assert [r["qkv"] for r in before + after] == [qkv] * 4
     for process in (0, 1):
         got = before[process]["loss"] + after[process]["loss"]
         np.testing.assert_allclose(got, want, rtol=1e-5)
