@@ -13,6 +13,11 @@ os.environ["TRANSFORMAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="transformax-test-
 os.environ.pop("TRANSFORMAX_AUTOTUNE", None)
 
 import transformax  # noqa: E402  (after the environment above)
+from transformax import compile_cache  # noqa: E402
+
+# The commands' persistent compilation cache, in-process too: the many runs of the same small
+# configs (and their subprocesses) compile each program once.
+compile_cache.enable()
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 assert pathlib.Path(transformax.__file__).resolve().is_relative_to(_REPO / "src"), (

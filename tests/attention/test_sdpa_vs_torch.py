@@ -45,8 +45,8 @@ def check(q, k, v, atol=2e-5, rtol=2e-5, kernels=KERNELS, **kwargs):
     torch_kwargs = dict(kwargs)
     if isinstance(mask, tfx.CausalMask):
         torch_kwargs["attn_mask"] = np.asarray(mask.to_dense())
-    out_probe = tfx.sdpa(q, k, v, **kwargs)
-    cotangent = rng.standard_normal(out_probe.shape).astype(np.float32)
+    out_shape = jax.eval_shape(lambda: tfx.sdpa(q, k, v, **kwargs)).shape
+    cotangent = rng.standard_normal(out_shape).astype(np.float32)
     want, want_grads = torch_sdpa(q, k, v, cotangent, **torch_kwargs)
     for kernel in kernels:
         out, grads = run(kernel, q, k, v, cotangent, with_mask_grad=mask_grad, **kwargs)
