@@ -1,6 +1,7 @@
 // The int8 matmul's tiles for one instruction set. int8_matmul.cc includes this file once per
 // ISA, inside a struct that defines `VW` (32-bit lanes per vector), `MR` (rows per tile), the
-// int32 vector `vi` and, for the integer tile, the byte vector `Bytes` with `load_bytes(p)`,
+// vectors `vf` (float) and `vi` (int32), `widen(p)` (VW int8 at p as floats) and, for the
+// integer tile, the byte vector `Bytes` with `load_bytes(p)`,
 // `unpack8(a, b, hi)` and `unpack16(a, b, hi)` (the ISA's per-128-bit-lane unpacks), `dot(acc,
 // x4, q)` (acc plus the 4 products of each column with the activation bytes x4) and `Colsum`
 // (what `dot` leaves to subtract at the end of a pass), under a matching `#pragma GCC target`;
@@ -10,10 +11,8 @@
 // sums are read from y unless k0 = 0 and written back, finished (f32: scaled; s8: in column
 // order) when k1 = K.
 
-typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));
 typedef int32_t vi_u __attribute__((vector_size(VW * 4), aligned(4)));
-typedef int8_t v8_u __attribute__((vector_size(VW), aligned(1)));
 
 static constexpr long PANEL = 4 * VW;
 
@@ -29,8 +28,7 @@ static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
   for (long k = k0; k < k1; ++k, wp += g.n) {
     __builtin_prefetch(wp + PREFETCH_BYTES);
     vf wv[4];
-    for (int v = 0; v < 4; ++v)
-      wv[v] = __builtin_convertvector(*reinterpret_cast<const v8_u*>(wp + VW * v), vf);
+    for (int v = 0; v < 4; ++v) wv[v] = widen(wp + VW * v);
     for (int i = 0; i < R; ++i) {
       const vf xb = x[i * g.k + k] - vf{};  // a splat
       for (int v = 0; v < 4; ++v) acc[i][v] += xb * wv[v];  // contracted to FMA

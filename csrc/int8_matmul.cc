@@ -86,7 +86,11 @@ inline long column_of(int v, int e) { return 16 * (e >> 2) + 4 * v + (e & 3); }
 // (vpdpbusd of ones) come off at the end of a pass. (Its f32 tile uses no VNNI instruction.)
 struct Avx512 {
   static constexpr int VW = 16, MR = 4;
+  typedef float vf __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
+  static vf widen(const int8_t* p) {
+    return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+  }
   typedef __m512i Bytes;
   static Bytes load_bytes(const int8_t* p) { return _mm512_loadu_si512(p); }
   static Bytes unpack8(Bytes a, Bytes b, bool hi) {
@@ -117,7 +121,11 @@ struct Avx512 {
 // pair sums cannot saturate), and vpmaddwd adds the pairs into int32.
 struct Avx2 {
   static constexpr int VW = 8, MR = 2;
+  typedef float vf __attribute__((vector_size(32)));
   typedef int32_t vi __attribute__((vector_size(32)));
+  static vf widen(const int8_t* p) {
+    return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+  }
   typedef __m256i Bytes;
   static Bytes load_bytes(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
