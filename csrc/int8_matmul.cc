@@ -2,9 +2,9 @@
 //   f32:  y (M, N) f32 = (x (M, K) f32 @ w (K, N) int8) * scale (N)   (weight-only)
 //   s8:   y (M, N) s32 =  x (M, K) int8 @ w (K, N) int8               (int8 activations)
 // The weight is read once per group of rows, straight from its (K, N) row-major layout, in
-// panels of one vector of int8 columns (64 with AVX-512, 32 with AVX2) swept down K with
-// software prefetch; threads take contiguous ranges of panels. Code paths, picked per call (the
-// ISA is an attribute chosen in Python, checked here against the CPU):
+// panels of 4 vectors of columns (64 with AVX-512, 32 with AVX2); threads take contiguous
+// ranges of panels and sweep them in passes of CHUNK_K weight rows. Code paths, picked per call
+// (the ISA is an attribute chosen in Python, checked here against the CPU):
 //   f32: int8 widened to f32 in registers, FMA (AVX-512F or AVX2+FMA);
 //   s8, AVX-512 VNNI: 4 weight rows interleaved per column, vpdpbusd on (x + 128) as u8, the
 //       128 * column sum (vpdpbusd of ones) subtracted at the end;
@@ -31,12 +31,10 @@ namespace {
 
 enum Isa { ISA_AVX2 = 0, ISA_AVX512 = 1, ISA_AVX512_VNNI = 2 };
 
-// Rows of the weight swept per pass over a thread's panels: each row is then read left to right
-// (hardware prefetch streams), the partial sums kept in y between passes.
-#ifndef TFX_CHUNK_K
-#define TFX_CHUNK_K 64
-#endif
-constexpr long CHUNK_K = TFX_CHUNK_K;  // a multiple of 4
+// Weight rows per pass over a thread's panels: each row is then read left to right (hardware
+// prefetch streams; a panel-wide sweep down K touches a new page per row), the partial sums kept
+// in y between passes.
+constexpr long CHUNK_K = 64;           // a multiple of 4
 constexpr long PREFETCH_BYTES = 256;   // how far ahead along a row the weight is prefetched
 
 // One call: x (m, k) of f32 or int8, w (k, n) int8, the f32 column scales (f32 only), y (m, n).
