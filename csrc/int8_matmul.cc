@@ -192,25 +192,29 @@ bool isa_supported(int64_t isa) {
   return false;
 }
 
-// Splits the panels into `threads` contiguous ranges, runs range 0 (and the scalar columns) on
-// the calling thread and the others on the pool, and waits for them.
+// Splits the panels into up to `threads` contiguous ranges, claimed in order by the calling
+// thread and by pool tasks (the caller alone runs them all if no pool thread is free, so a busy
+// pool cannot stall it; a task that starts after every range is claimed touches only `claims`),
+// runs the scalar columns on the caller, and waits for the ranges to finish.
 void parallel_panels(ffi::ThreadPool& pool, const Gemv& g, int64_t isa, bool integer,
                      long threads) {
   const long panel = panel_width(isa, integer);
   const long panels = g.n / panel;
   const long parts = std::max(1L, std::min(threads, panels));
-  auto pending = std::make_shared<std::atomic<long>>(parts - 1);
-  auto range = [&g, isa, integer, panels, parts](long t) {
-    run(g, isa, integer, panels * t / parts, panels * (t + 1) / parts);
+  struct Claims {
+    std::atomic<long> next{0}, finished{0};
   };
-  for (long t = 1; t < parts; ++t)
-    pool.Schedule([range, pending, t]() {
-      range(t);
-      pending->fetch_sub(1, std::memory_order_release);
-    });
-  range(0);
+  auto claims = std::make_shared<Claims>();
+  auto claim = [claims, g, isa, integer, panels, parts]() {
+    for (long t; (t = claims->next.fetch_add(1)) < parts;) {
+      run(g, isa, integer, panels * t / parts, panels * (t + 1) / parts);
+      claims->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (long t = 1; t < parts; ++t) pool.Schedule([claim]() { claim(); });
+  claim();
   scalar_columns(g, panels * panel, integer);
-  while (pending->load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  while (claims->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
