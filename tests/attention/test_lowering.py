@@ -4,15 +4,18 @@ once: Pallas Triton on cuda, Pallas Mosaic on tpu, plain XLA on cpu. No GPU or T
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import export
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import transformax as tfx
-from transformax.attention.backends import pallas_common
+from transformax.attention.backends import pallas_common, pallas_triton
+from transformax.attention.problem import Problem
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 MOSAIC_CALL = "tpu_custom_call"
@@ -128,3 +131,50 @@ def test_sharded_lowering_runs_each_kernel_on_its_shard(platform, call):
     local, whole = "tensor<1x1x256x64xbf16>", "tensor<2x4x256x64xbf16>"
     assert all(local in line and whole not in line for line in calls), calls
     assert "all_gather" not in module and "all_to_all" not in module
+
+
+def _problem(dtype, e: int, length: int = 4096) -> Problem:
+    return Problem(batch=1, q_heads=2, kv_heads=2, q_len=length, kv_len=length, head_dim=e,
+                   v_head_dim=e, dtype=np.dtype(dtype), scale=1.0)
+
+
+BWD_ROWS = ("block_q_dkv", "block_k_dkv", "block_q_dq")
+
+
+def test_hopper_backward_tiles_for_tf32():
+    """sm90 with f32 in TF32: backward tiles of >= 64 rows (wgmma's height) where the staged
+    tiles fit an H100's shared memory (E <= 128), else as on sm80 (E = 256); IEEE f32 and 16-bit
+    inputs keep the sm80 tiles (measured faster on an H100)."""
+    default = pallas_triton.default_config
+    for dtype, e in ((jnp.float32, 64), (jnp.float32, 128), (jnp.float32, 256),
+                     (jnp.bfloat16, 128), (jnp.bfloat16, 256)):
+        p = _problem(dtype, e)
+        assert default(p, (9, 0)) == default(p, (8, 0)), (dtype, e)  # IEEE f32, 16-bit
+        with jax.default_matmul_precision("tensorfloat32"):
+            hopper, ampere = default(p, (9, 0)), default(p, (8, 0))
+        assert ampere == default(p, (8, 0))
+        if dtype == jnp.float32 and e <= 128:
+            assert min(getattr(hopper, n) for n in BWD_ROWS) >= 64 and hopper.bwd_warps == 8
+            assert pallas_triton.backward_smem(p, hopper) <= pallas_triton.HOPPER_SMEM
+            assert min(getattr(ampere, n) for n in BWD_ROWS) < 64
+        else:
+            assert hopper == ampere, (dtype, e)
+    wide = dataclasses.replace(default(_problem(jnp.float32, 256), (8, 0)), bwd_stages=1,
+                               **{n: 64 for n in BWD_ROWS})
+    assert pallas_triton.backward_smem(_problem(jnp.float32, 256), wide) > \
+        pallas_triton.HOPPER_SMEM
+
+
+@pytest.mark.parametrize("capability, grid, warps", [((9, 0), 4, 8), ((8, 0), 8, 4)])
+def test_hopper_backward_tiles_lower_for_cuda(capability, grid, warps, monkeypatch):
+    """f32 E=128 in TF32 lowers for cuda with the GPU's tiles: on sm90 the dk/dv kernel runs
+    64-row key blocks (grid 256/64) on 8 warps, on sm80 32-row ones on 4."""
+    monkeypatch.setattr(pallas_common, "cuda_capability", lambda: capability)
+    jax.clear_caches()  # the kernels read the GPU's capability when traced
+    shape = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.float32)
+    with jax.default_matmul_precision("tensorfloat32"):
+        module = lowered(attend_grad, ["cuda"], shape)
+    dkdv = [line for line in module.splitlines()
+            if TRITON_CALL in line and '"transformax_flash_dkdv"' in line]
+    assert len(dkdv) == 1 and f"grid_x = {grid} :" in dkdv[0]
+    assert f"num_warps = {warps} :" in dkdv[0]

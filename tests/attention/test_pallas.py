@@ -270,12 +270,6 @@ def test_triton_f32_multiplies_in_full_precision_unless_asked():
         assert _dot_precisions(f32) == {"HIGH"}
 
 
-def test_triton_backward_tiles_fill_hopper_wgmma():
-    p = problem(lq=4096, s=4096, e=128, dtype=jnp.bfloat16)
-    assert pallas_triton.default_config(p, capability=(9, 0)).block_q_dkv == 64
-    assert pallas_triton.default_config(p, capability=(8, 0)).block_q_dkv == 32
-
-
 def test_triton_lowering_failure_is_a_reason(monkeypatch):
     """A GPU that jax's Triton lowering rejects (e.g. one missing from its GPU table) makes the
     kernel ineligible with the error as its reason, and selection falls through."""
