@@ -46,7 +46,8 @@ static void f32_tile(const Gemv& g, long r, long c, long k0, long k1) {
 // one byte per row, of the columns column_of(v, lane).
 static void interleave(const Gemv& g, long k0, long c, vi q[4]) {
   Bytes rows[4];
-  for (int j = 0; j < 4; ++j) rows[j] = k0 + j < g.k ? load_bytes(g.w + (k0 + j) * g.n + c) : Bytes{};
+  for (int j = 0; j < 4; ++j)
+    rows[j] = k0 + j < g.k ? load_bytes(g.w + (k0 + j) * g.n + c) : Bytes{};
   const Bytes lo01 = unpack8(rows[0], rows[1], false), hi01 = unpack8(rows[0], rows[1], true);
   const Bytes lo23 = unpack8(rows[2], rows[3], false), hi23 = unpack8(rows[2], rows[3], true);
   q[0] = unpack16(lo01, lo23, false);

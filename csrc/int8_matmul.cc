@@ -87,7 +87,8 @@ struct Avx512 {
   typedef float vf __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
   static vf widen(const int8_t* p) {
-    return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
   }
   typedef __m512i Bytes;
   static Bytes load_bytes(const int8_t* p) { return _mm512_loadu_si512(p); }
@@ -122,7 +123,8 @@ struct Avx2 {
   typedef float vf __attribute__((vector_size(32)));
   typedef int32_t vi __attribute__((vector_size(32)));
   static vf widen(const int8_t* p) {
-    return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
   }
   typedef __m256i Bytes;
   static Bytes load_bytes(const int8_t* p) {
@@ -136,7 +138,8 @@ struct Avx2 {
   }
   static vi dot(vi acc, int32_t x4, vi q) {
     const __m256i xb = _mm256_set1_epi32(x4);
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(__m256i(q), xb));
+    const __m256i pairs =
+        _mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(__m256i(q), xb));
     return acc + vi(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
   struct Colsum {
@@ -225,7 +228,8 @@ ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   if (w.element_type() != ffi::S8 || x.element_type() != (integer ? ffi::S8 : ffi::F32))
     return ffi::Error::InvalidArgument("tfx int8 matmul: w must be int8 and x " +
                                        std::string(integer ? "int8" : "float32"));
-  if (!integer && (scale.element_type() != ffi::F32 || scale.element_count() != static_cast<size_t>(wd[1])))
+  if (!integer && (scale.element_type() != ffi::F32 ||
+                   scale.element_count() != static_cast<size_t>(wd[1])))
     return ffi::Error::InvalidArgument("tfx int8 matmul: scale must be float32 (N,)");
   if (!isa_supported(isa) || threads < 1)
     return ffi::Error::InvalidArgument("tfx int8 matmul: this CPU lacks the requested ISA, "

@@ -23,7 +23,7 @@ K, N = 130, 137
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((K, N)).astype(np.float32)
 W[:, 5] = 0.0  # an all-zero column
-X = (RNG.standard_normal((16, K)) * np.linspace(0.1, 10, 16)[:, None] + 0.5).astype(np.float32)
+X = (RNG.standard_normal((8, K)) * np.linspace(0.1, 10, 8)[:, None] + 0.5).astype(np.float32)
 X[3] = 0.0  # an all-zero row
 
 
@@ -61,7 +61,7 @@ def run(qw, x, isa, monkeypatch):
                                     quant.Recipe(activations="dynamic", act_symmetric=False)])
 def test_matches_dequantize_then_matmul(recipe, isa, monkeypatch):
     qw = qw_of(recipe)
-    for rows in (1, 3, 16):  # one row tile, a ragged one, several
+    for rows in (1, 3, 8):  # one row tile, a ragged one, several
         x = X[:rows]
         ref = reference(x, qw)
         y = run(qw, x, isa, monkeypatch)
@@ -103,8 +103,8 @@ def test_jit_matches_eager_zero_rows_and_vmap():
 
 def test_reasons_it_cannot_run(monkeypatch):
     qw = qw_of("int8-weight")
-    many = Problem.of(jnp.zeros((17, K)), qw)
-    assert "17 rows: a kernel for at most 16" in " ".join(
+    many = Problem.of(jnp.zeros((9, K)), qw)
+    assert "9 rows: a kernel for at most 8" in " ".join(
         cpu_int8.reasons_unsupported(many, "cpu"))
     grouped = Problem.of(jnp.zeros((1, K)), qw_of(quant.Recipe(bits=4, weight_granularity="group",
                                                                 group_size=10)))

@@ -24,7 +24,7 @@ from transformax.quant.qweight import QuantizedWeight
 EXTENSION = native.load("_int8_cpu", {"tfx_cpu_int8_f32": "matmul_f32",
                                       "tfx_cpu_int8_s8": "matmul_s8"})
 
-MAX_ROWS = 16  # more rows: a GEMM, where XLA's (YNNPACK) kernels reuse the weight better
+MAX_ROWS = 8  # more rows: a GEMM; at 16 XLA's two-digit int8 dot (xla_int8x2) is already faster
 _ISA_CODES = {"avx2": 0, "avx512": 1, "avx512_vnni": 2}
 
 
