@@ -8,10 +8,11 @@ implementation once per round, so machine noise hits all alike), medians.
     python scripts/bench_attention.py --masks --lengths 4096 --window 512 --docs 8
     python scripts/bench_attention.py --masks --lengths 32768 --heads 2 --window 4096 --rounds 3
 
-``--masks`` times structured masks instead: causal, a sliding window and causal documents, each
-through tfx.sdpa (auto, xla_flash) and torch's compiled ``flex_attention`` with the same mask
-(forward only: it has no CPU backward), with each time's ratio to the same implementation's
-causal time and to torch flex's.
+``--masks`` times structured masks instead: causal, a sliding window, documents and causal
+documents, each through tfx.sdpa's built-in mask (auto, xla_flash), through tfx.flex_attention
+given the same mask as a mask_mod (a block mask made once, passed to the jitted call) and
+through torch's compiled ``flex_attention`` with that mask_mod (forward only: it has no CPU
+backward), with each time's ratio to the same implementation's causal time and to torch flex's.
 
 Prints the host (CPU model, ISA, cache sizes, cores, versions, ISA-limiting variables) and a
 table of each implementation's time and its ratio to torch; writes JSON and a PNG to --out.
@@ -56,15 +57,18 @@ def interleaved_medians(runs: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def jax_callable(attend, q, k, v, backward: bool):
+def jax_callable(attend, q, k, v, backward: bool, *rest):
+    """Jitted ``attend(q, k, v, *rest)`` (``rest``: traced operands such as a block mask), or
+    its gradient in q, k, v; and its compile time."""
     if backward:
-        f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
+        f = jax.jit(jax.grad(lambda q, k, v, *rest: jnp.sum(attend(q, k, v, *rest)),
+                             argnums=(0, 1, 2)))
     else:
         f = jax.jit(attend)
     start = time.perf_counter()
-    jax.block_until_ready(f(q, k, v))
+    jax.block_until_ready(f(q, k, v, *rest))
     compile_s = time.perf_counter() - start
-    return (lambda: jax.block_until_ready(f(q, k, v))), compile_s
+    return (lambda: jax.block_until_ready(f(q, k, v, *rest))), compile_s
 
 
 def torch_callable(torch, q, k, v, causal: bool, backward: bool):
@@ -103,23 +107,24 @@ def implementations(causal: bool, gqa: bool):
     }
 
 
-def mask_cases(length: int, window: int, docs: int) -> dict:
-    """name -> (tfx.sdpa keyword arguments, torch mask_mod or None for is_causal)."""
-    import torch
-
+def mask_cases(length: int, window: int, docs: int) -> tuple[dict, np.ndarray]:
+    """name -> (tfx.sdpa keyword arguments of the built-in mask, ``make(ids)``: the same mask as
+    a mask_mod over an array of document ids, torch's or jnp's); and the document ids."""
     import transformax as tfx
     ids = np.repeat(np.arange(docs), -(-length // docs))[:length]
-    torch_ids = torch.tensor(ids)
     return {
-        "causal": (dict(is_causal=True), lambda b, h, q_idx, kv_idx: q_idx >= kv_idx),
+        "causal": (dict(is_causal=True), lambda ids: lambda b, h, q_idx, kv_idx: q_idx >= kv_idx),
         f"window {window}": (
             dict(attn_mask=tfx.sliding_window(length, length, window)),
-            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)),
+            lambda ids: lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)),
+        f"{docs} docs": (
+            dict(attn_mask=tfx.document_mask(ids[None])),
+            lambda ids: lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx]),
         f"{docs} docs causal": (
             dict(attn_mask=tfx.document_mask(ids[None]) & tfx.causal_upper_left(length, length)),
-            lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx)
-            & (torch_ids[q_idx] == torch_ids[kv_idx])),
-    }
+            lambda ids: lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx)
+            & (ids[q_idx] == ids[kv_idx])),
+    }, ids
 
 
 def torch_flex_callable(torch, q, k, v, mask_mod):
@@ -139,43 +144,55 @@ def torch_flex_callable(torch, q, k, v, mask_mod):
 
 def run_masks(args, q, k, v, rows):
     """The ``--masks`` table for one length: every case and implementation in the same
-    interleaved rounds per pass."""
+    interleaved rounds per pass. "tfx flex" is ``tfx.flex_attention`` given the case's mask_mod
+    as a ``create_block_mask`` made once and passed to the jitted call (as a layer loop does)."""
     import torch
 
     import transformax as tfx
     length = q.shape[2]
-    cases = mask_cases(length, args.window, args.docs)
+    cases, ids = mask_cases(length, args.window, args.docs)
     backends = {"tfx auto": None, "tfx xla_flash": tfx.Backend.XLA_FLASH}
+    gqa = q.shape[1] != k.shape[1]
 
     def attend_with(kwargs, backend):
         def attend(q, k, v):
             with tfx.sdpa_kernel(backend) if backend else contextlib.nullcontext():
-                return tfx.sdpa(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+                return tfx.sdpa(q, k, v, enable_gqa=gqa, **kwargs)
         return attend
+
+    def flex(q, k, v, block_mask):
+        return tfx.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
     for backward in (False,) if args.no_backward else (False, True):
         runs, compile_s = {}, {}
-        for case, (kwargs, mask_mod) in cases.items():
+        for case, (kwargs, make_mask_mod) in cases.items():
             for impl, backend in backends.items():
                 if impl not in args.skip:
                     runs[(case, impl)], compile_s[(case, impl)] = jax_callable(
                         attend_with(kwargs, backend), q, k, v, backward)
+            if "tfx flex" not in args.skip:
+                block_mask = tfx.create_block_mask(make_mask_mod(jnp.asarray(ids)), None, None,
+                                                   length, length)
+                runs[(case, "tfx flex")], compile_s[(case, "tfx flex")] = jax_callable(
+                    flex, q, k, v, backward, block_mask)
             if not backward and "torch flex" not in args.skip:
                 runs[(case, "torch flex")], compile_s[(case, "torch flex")] = (
-                    torch_flex_callable(torch, q, k, v, mask_mod))
+                    torch_flex_callable(torch, q, k, v, make_mask_mod(torch.tensor(ids))))
         medians = interleaved_medians(runs, args.rounds)
         for (case, impl), seconds in medians.items():
-            flex = medians.get((case, "torch flex"))
+            flex, builtin = medians.get((case, "torch flex")), medians.get((case, "tfx auto"))
             row = {"B": q.shape[0], "L": length, "mask": case,
                    "pass": "fwd+bwd" if backward else "fwd", "impl": impl, "ms": seconds * 1e3,
                    "ratio_to_causal": seconds / medians[("causal", impl)],
                    "ratio_to_torch_flex": seconds / flex if flex else None,
+                   "ratio_to_builtin": seconds / builtin if builtin else None,
                    "compile_s": compile_s[(case, impl)]}
             rows.append(row)
-            to_flex = "" if flex is None else f"{row['ratio_to_torch_flex']:.2f}"
+            ratios = ("" if r is None else f"{r:.2f}"
+                      for r in (row["ratio_to_torch_flex"], row["ratio_to_builtin"]))
             print(f"{row['B']:>2} {length:>6} {case:<16} {row['pass']:>8} {impl:<14} "
-                  f"{row['ms']:>9.1f} {row['ratio_to_causal']:>8.2f} {to_flex:>8} "
-                  f"{row['compile_s']:>9.2f}", flush=True)
+                  f"{row['ms']:>9.1f} {row['ratio_to_causal']:>8.2f} {next(ratios):>8} "
+                  f"{next(ratios):>9} {row['compile_s']:>9.2f}", flush=True)
 
 
 def attention_flops(batch, heads, length, dim, causal, backward) -> float:
@@ -207,7 +224,8 @@ def main(argv=None):
                         help="skip kernels that materialise scores larger than this")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--masks", action="store_true",
-                        help="time structured masks (causal, window, documents) instead")
+                        help="time structured masks (causal, window, documents) and the same "
+                             "mask_mods through flex_attention instead")
     parser.add_argument("--window", type=int, default=512, help="--masks: sliding window")
     parser.add_argument("--docs", type=int, default=8, help="--masks: documents per sequence")
     parser.add_argument("--out", default="bench_out")
@@ -233,7 +251,7 @@ def main(argv=None):
           f"medians")
     if args.masks:
         print(f"{'B':>2} {'L':>6} {'mask':<16} {'pass':>8} {'implementation':<14} {'ms':>9} "
-              f"{'x causal':>8} {'x flex':>8} {'compile s':>9}")
+              f"{'x causal':>8} {'x flex':>8} {'x builtin':>9} {'compile s':>9}")
     else:
         print(f"{'B':>2} {'L':>6} {'causal':>6} {'pass':>8} {'implementation':<15} {'ms':>9} "
               f"{'GF/s':>7} {'x torch':>8} {'compile s':>9}")
