@@ -1,6 +1,8 @@
 """``data.packing``: documents packed into sequences, their boundaries kept by the batches, the
 loss and the attention."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -78,11 +80,59 @@ def test_a_documents_loss_ignores_the_others():
                - float(loss(unpacked)[0])) > 1e-3  # without document ids it does change
 
 
+def test_bin_documents_end_at_each_eos_id(tmp_path):
+    eos = 9
+    train = np.array([1, 2, eos, 3, eos, eos, 4, 5, 6, 7, 8, 1, eos], np.uint16)
+    np.testing.assert_array_equal(data.document_starts(train, eos), [0, 3, 5, 6])
+    for chunk in (1, 2, 3, 5):  # eos tokens on and across chunk edges
+        np.testing.assert_array_equal(data.document_starts(train, eos, chunk), [0, 3, 5, 6])
+    train.tofile(tmp_path / "train.bin")
+    train[::-1].tofile(tmp_path / "val.bin")
+    cfg = config.load(None, ["data.source=bin", f"data.path={tmp_path}", "data.seq_len=4",
+                             "data.vocab_size=16", "data.packing=true", f"data.eos_id={eos}"])
+    corpus = data.load_corpus(cfg.data)
+    np.testing.assert_array_equal(corpus.documents(data.TRAIN), [0, 3, 5, 6])
+    np.testing.assert_array_equal(corpus.documents(data.EVAL), [0, 1, 8, 9, 11])
+    batch = data.Batches(corpus, 0, (1, 8), 4, packing=True)(0)
+    ids, ends = batch["document_ids"], np.cumsum(batch["inputs"] == eos, -1)
+    np.testing.assert_array_equal(ids[..., 1:], ends[..., :-1])  # a new one after each eos
+    np.testing.assert_array_equal(batch["weights"], batch["inputs"] != eos)
+    assert data.load_corpus(dataclasses.replace(cfg.data, packing=False)).starts is None
+
+
+def test_mlm_batches_carry_document_ids():
+    batch = data.Batches(CORPUS, 0, (2, 8), 12, mlm_probability=0.15, packing=True)(3)
+    plain = data.Batches(CORPUS, 0, (2, 8), 12, mlm_probability=0.15)(3)
+    for key in ("inputs", "targets", "weights"):  # the same batch, with the ids beside it
+        np.testing.assert_array_equal(batch[key], plain[key])
+    targets = batch["targets"]
+    np.testing.assert_array_equal(batch["document_ids"], targets - targets[..., :1])
+
+
+def test_bert_packed_documents_are_as_if_alone():
+    """A packed BERT row's documents get the hidden states each gets alone (no attention across
+    them, positions from each one's start)."""
+    cfg = config.load(None, ["model.arch=bert", "model.n_layer=1", "model.n_head=2",
+                             "model.dim=16", "model.hidden_dim=32", "model.max_position=16",
+                             "data.seq_len=16", "data.packing=true"])
+    task, model_cfg = cfg.task, cfg.model_config
+    params = task.module.init(jax.random.key(0), model_cfg)
+    tokens = np.random.RandomState(0).randint(0, 256, (1, 16)).astype(np.int32)
+    ids = np.array([[0] * 6 + [1] * 10], np.int32)
+    apply = jax.jit(lambda t, d=None: task.module.apply(params, t, model_cfg, document_ids=d))
+    packed = apply(tokens, ids)
+    np.testing.assert_allclose(packed[:, :6], apply(tokens[:, :6]), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 6:], apply(tokens[:, 6:]), atol=1e-5)
+    assert not np.allclose(packed, apply(tokens), atol=1e-3)  # unpacked, they see each other
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["data.packing=true", "model.arch=bert"], "data.packing=True: only for decoders "
-                                                r"\(model.arch gpt or llama\), not model.arch=bert"),
     (["data.packing=true", "data.source=bin", "data.path=x"],
-     "data.packing=True: needs document boundaries: data.source=stdlib or text"),
+     "data.packing=True: needs document boundaries, and a .bin token stream has none of its "
+     "own: set data.eos_id"),
+    (["data.source=bin", "data.path=x", "data.eos_id=256"],
+     r"data.eos_id=256: expected a token id in \[0, data.vocab_size=256\)"),
+    (["data.eos_id=0"], "data.eos_id=0: only for data.source=bin"),
     (["data.packing=maybe"], "data.packing"),
 ])
 def test_config_errors(overrides, message):
@@ -90,7 +140,10 @@ def test_config_errors(overrides, message):
         config.load(None, overrides)
 
 
-def test_cli_error_is_one_line(tmp_path, capsys):
-    assert cli.train_main(["data.packing=maybe", f"out_dir={tmp_path}"]) == 1
+@pytest.mark.parametrize("override, key", [("data.packing=maybe", "data.packing"),
+                                           ("data.eos_id=-1", "data.eos_id=-1")])
+def test_cli_error_is_one_line(tmp_path, capsys, override, key):
+    assert cli.train_main(["data.source=bin", f"data.path={tmp_path}", override,
+                           f"out_dir={tmp_path}"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("transformax-train: error: data.packing")
+    assert len(lines) == 1 and lines[0].startswith(f"transformax-train: error: {key}")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from transformax import attention, nn
 from transformax.models import _common, _hf
+from transformax.models.decoder import document_positions
 
 num_params = _common.num_params
 
@@ -86,32 +87,41 @@ def init(key: jax.Array, cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, attention_mask: jax.Array | None = None,
-          token_type_ids: jax.Array | None = None, train: bool = False,
-          rng: jax.Array | None = None, check_ids: bool = False) -> jax.Array:
+          token_type_ids: jax.Array | None = None, document_ids: jax.Array | None = None,
+          train: bool = False, rng: jax.Array | None = None,
+          check_ids: bool = False) -> jax.Array:
     """Final hidden states ``(B, T, dim)`` (``cfg.output_dtype``) for int ``tokens (B, T)``.
 
     ``attention_mask (B, T)``: nonzero for real tokens, 0 for padding (padding keys are masked;
     padding rows still get hidden states). ``token_type_ids (B, T)`` default to 0.
+    ``document_ids (B, T)``: packed documents (runs of equal ids) that do not see each other,
+    positions counted from each one's start.
     ``train=True`` applies ``cfg.dropout`` with keys drawn from ``rng``. Ids outside the
     vocabularies raise; inside ``jit`` only with ``check_ids=True`` (unchecked, an id too large
     embeds as NaN and a negative one wraps round).
     """
     _common.check_tokens(tokens, cfg)
     _common.check_token_ids(tokens, cfg.vocab_size, traced=check_ids)
-    for name, ids in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
+    for name, ids in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask),
+                      ("document_ids", document_ids)):
         if ids is not None:
             _common.check_same_shape(name, ids, tokens)
     if token_type_ids is not None:
         _common.check_token_ids(token_type_ids, cfg.type_vocab_size, "token_type_ids",
                                 traced=check_ids)
     mask = None if attention_mask is None else attention.key_padding(attention_mask.astype(bool))
+    if document_ids is not None:
+        documents = attention.document_mask(document_ids)
+        mask = documents if mask is None else mask & documents
     policy = cfg.policy
     p = policy.cast_to_compute(params)
     rate = cfg.dropout if train else 0.0
     keys = iter(_common.dropout_keys(rng, rate, 1 + 3 * cfg.n_layer))
     eps = cfg.layer_norm_eps
     emb = p["embed"]
-    x = nn.embed(emb["word"], tokens) + emb["position"][:tokens.shape[1]]
+    positions = (emb["position"][:tokens.shape[1]] if document_ids is None
+                 else emb["position"][document_positions(document_ids)])
+    x = nn.embed(emb["word"], tokens) + positions
     x = x + (emb["token_type"][0] if token_type_ids is None
              else nn.embed(emb["token_type"], token_type_ids))
     x = nn.dropout(nn.layer_norm(emb["norm"], x, eps=eps), rate, next(keys))

@@ -47,10 +47,11 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05  # byte sources: the corpus's tail held out for evaluation
     mlm_probability: float = 0.15  # bert: share of positions masked
-    # decoders: files (documents) packed into each sequence; no token attends across a
-    # document boundary, positions restart at each, and the first token of a document is not
-    # scored as the previous one's next token
+    # documents packed into each sequence (text sources: each file; bin: split at eos_id); no
+    # token attends across a document boundary, positions restart at each, and (decoders) the
+    # first token of a document is not scored as the previous one's next token
     packing: bool = False
+    eos_id: int | None = None  # bin: the token id that ends each document (GPT-2's: 50256)
 
 
 @dataclasses.dataclass
@@ -298,11 +299,14 @@ def validate(cfg: RunConfig, n_devices: int | None = None) -> None:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "expected in (0, 1)")
     _check(0.0 < d.mlm_probability < 1.0, "data.mlm_probability", d.mlm_probability,
            "expected in (0, 1)")
-    _check(not d.packing or d.source != "bin", "data.packing", d.packing,
-           "needs document boundaries: data.source=stdlib or text (each file a document); "
-           "a .bin token stream has none")
-    _check(not d.packing or cfg.task.decoder, "data.packing", d.packing,
-           f"only for decoders (model.arch gpt or llama), not model.arch={cfg.model.arch}")
+    _check(d.eos_id is None or d.source == "bin", "data.eos_id", d.eos_id,
+           "only for data.source=bin (stdlib and text sources: each file is a document)")
+    _check(d.eos_id is None or 0 <= d.eos_id < d.vocab_size, "data.eos_id", d.eos_id,
+           f"expected a token id in [0, data.vocab_size={d.vocab_size})")
+    _check(not d.packing or d.source != "bin" or d.eos_id is not None, "data.packing",
+           d.packing, "needs document boundaries, and a .bin token stream has none of its "
+           "own: set data.eos_id to the token id that ends each document (nanoGPT's GPT-2 "
+           "corpora: 50256)")
     for key in ("steps", "batch_size", "grad_accum"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "expected >= 1")
     dist = cfg.dist

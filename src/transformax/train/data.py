@@ -4,7 +4,8 @@ Sources (``data.source``): ``stdlib``, the bytes of the running Python's standar
 ``.py`` files (embedded, nothing to download); ``text``, the bytes of the files a path, folder or
 glob names; ``bin``, nanoGPT-style ``train.bin`` / ``val.bin`` token files (memory-mapped).
 Byte sources are concatenated in a fixed file order and their tail is held out; each file is a
-document (``data.packing``: no token attends across a document boundary).
+document. A ``.bin`` stream's documents end at each ``data.eos_id`` token (``data.packing``: no
+token attends across a document boundary).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     problem if unusable (missing, unreadable, empty, too short, a ``.bin`` whose size or token
     ids do not fit ``data.dtype`` / ``data.vocab_size``)."""
     if cfg.source == "bin":
-        corpus = _bin_corpus(Path(cfg.path), np.dtype(cfg.dtype), cfg.vocab_size)
+        corpus = _bin_corpus(Path(cfg.path), np.dtype(cfg.dtype), cfg.vocab_size,
+                             cfg.eos_id if cfg.packing else None)
     else:
         files = stdlib_files() if cfg.source == "stdlib" else text_files(cfg.path)
         try:
@@ -104,9 +106,20 @@ def _read_bytes(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray]:
     return data, starts
 
 
-def _bin_corpus(folder: Path, dtype: np.dtype, vocab_size: int) -> Corpus:
-    return Corpus(*(_bin_tokens(folder / name, dtype, vocab_size)
-                    for name in ("train.bin", "val.bin")), vocab_size, False)
+def _bin_corpus(folder: Path, dtype: np.dtype, vocab_size: int, eos_id: int | None) -> Corpus:
+    """``train.bin`` and ``val.bin``; with ``eos_id``, their documents (each ends at one)."""
+    splits = [_bin_tokens(folder / name, dtype, vocab_size) for name in ("train.bin", "val.bin")]
+    starts = None if eos_id is None else tuple(document_starts(x, eos_id) for x in splits)
+    return Corpus(*splits, vocab_size, False, starts)
+
+
+def document_starts(tokens: np.ndarray, eos_id: int, chunk: int = 1 << 24) -> np.ndarray:
+    """Where the documents of a token stream start: 0 and after every ``eos_id`` (but the last
+    token), read ``chunk`` tokens at a time (a memory-mapped corpus is never loaded whole)."""
+    found = [np.flatnonzero(tokens[i:i + chunk] == eos_id) + (i + 1)
+             for i in range(0, len(tokens) - 1, chunk)]
+    starts = np.concatenate([[0], *found]).astype(np.int64)
+    return starts[starts < len(tokens)]
 
 
 def _bin_tokens(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray:
@@ -159,26 +172,38 @@ def lm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tu
     batch = {"inputs": w[..., :-1], "targets": w[..., 1:]}
     if documents is None:
         return batch
-    doc = np.searchsorted(documents, offsets[:, None] + np.arange(seq_len + 1), side="right")
-    ids = (doc - doc[:, :1]).astype(np.int32).reshape(*shape, seq_len + 1)
+    ids = _document_ids(documents, offsets, seq_len + 1).reshape(*shape, seq_len + 1)
     return {**batch, "document_ids": ids[..., :-1],
             "weights": (ids[..., 1:] == ids[..., :-1]).astype(np.float32)}
 
 
+def _document_ids(documents: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
+    """int32 ``(len(offsets), length)``: each window's documents, counted from 0 per row."""
+    doc = np.searchsorted(documents, offsets[:, None] + np.arange(length), side="right")
+    return (doc - doc[:, :1]).astype(np.int32)
+
+
 def mlm_batch(tokens: np.ndarray, *, seed: int, stream: int, step: int, shape: tuple[int, int],
-              seq_len: int, vocab_size: int, mask_id: int, probability: float) -> dict:
+              seq_len: int, vocab_size: int, mask_id: int, probability: float,
+              documents: np.ndarray | None = None) -> dict:
     """Masked-LM batch (BERT): of the ``probability`` share of positions chosen, 80% become
     ``mask_id``, 10% a random token below ``vocab_size``, 10% stay. ``targets`` are the original
-    tokens, ``weights`` 1.0 at the chosen positions."""
+    tokens, ``weights`` 1.0 at the chosen positions. ``documents`` (the stream's document start
+    offsets): packed sequences, with ``document_ids`` (as ``lm_batch``'s)."""
     rng = _rng(seed, stream, step)
-    targets = _windows(tokens, rng, shape[0] * shape[1], seq_len)[0].reshape(*shape, seq_len)
+    targets, offsets = _windows(tokens, rng, shape[0] * shape[1], seq_len)
+    targets = targets.reshape(*shape, seq_len)
     chosen = rng.random(targets.shape) < probability
     action = rng.random(targets.shape)
     inputs = np.where(chosen & (action < 0.8), mask_id, targets)
     random_tokens = rng.integers(0, vocab_size, targets.shape, dtype=np.int32)
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, inputs)
-    return {"inputs": inputs.astype(np.int32), "targets": targets,
-            "weights": chosen.astype(np.float32)}
+    batch = {"inputs": inputs.astype(np.int32), "targets": targets,
+             "weights": chosen.astype(np.float32)}
+    if documents is None:
+        return batch
+    return {**batch, "document_ids": _document_ids(documents, offsets, seq_len).reshape(
+        *shape, seq_len)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,14 +216,15 @@ class Batches:
     shape: tuple[int, int]
     seq_len: int
     mlm_probability: float | None = None  # set: masked-LM batches with [MASK] = vocab_size
-    packing: bool = False  # language-model batches of packed documents (``lm_batch``)
+    packing: bool = False  # batches of packed documents, with their ``document_ids``
 
     def __call__(self, step: int, stream: int = TRAIN) -> dict:
         tokens = self.corpus.split(stream)
+        documents = self.corpus.documents(stream) if self.packing else None
         if self.mlm_probability is None:
             return lm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
-                            seq_len=self.seq_len,
-                            documents=self.corpus.documents(stream) if self.packing else None)
+                            seq_len=self.seq_len, documents=documents)
         return mlm_batch(tokens, seed=self.seed, stream=stream, step=step, shape=self.shape,
                          seq_len=self.seq_len, vocab_size=self.corpus.vocab_size,
-                         mask_id=self.corpus.vocab_size, probability=self.mlm_probability)
+                         mask_id=self.corpus.vocab_size, probability=self.mlm_probability,
+                         documents=documents)

@@ -42,7 +42,9 @@ class Task:
                                        document_ids=batch.get("document_ids"), train=train,
                                        rng=rng)
         else:
-            hidden = self.module.apply(params, batch["inputs"], model_cfg, train=train, rng=rng)
+            hidden = self.module.apply(params, batch["inputs"], model_cfg,
+                                       document_ids=batch.get("document_ids"), train=train,
+                                       rng=rng)
             logits = self.module.mlm_logits(params, hidden, model_cfg)
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["targets"])
