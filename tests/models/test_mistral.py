@@ -95,6 +95,22 @@ def test_written_as_mistral(converted):
     assert transformers.MistralConfig(**config).sliding_window == WINDOW
 
 
+def test_saved_folder_loads_in_hugging_face_as_mistral(hf_model, converted, tokens, hf_run,
+                                                      tmp_path):
+    """save_pretrained -> transformers.AutoModelForCausalLM (offline): a MistralForCausalLM with
+    the window, whose logits past the window equal the original's; load_pretrained reads the
+    folder back with its window."""
+    params, cfg = converted
+    folder = models.save_pretrained(llama, params, cfg, tmp_path / "mistral")
+    back = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    assert type(back) is transformers.MistralForCausalLM
+    assert back.config.sliding_window == WINDOW
+    np.testing.assert_allclose(hf_run(back, tokens).logits.numpy(),
+                               hf_run(hf_model, tokens).logits.numpy(), atol=1e-5, rtol=1e-5)
+    module, _, again = models.load_pretrained(folder)
+    assert module is llama and again == cfg
+
+
 def test_write_and_cache_errors(converted, tokens):
     params, cfg = converted
     with pytest.raises(ValueError, match="to_hf: attn_logit_softcapping has no Hugging Face"):
