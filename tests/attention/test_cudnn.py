@@ -119,3 +119,28 @@ def test_wrapper_with_xla_standing_in_for_cudnn(kind, monkeypatch):
             want = reference(q, k, v, Extras(mask), want_out, want_lse, dout, dlse)[:3]
             for got, ref in zip(grads, want):
                 np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def test_a_custom_partitioning_op_inside_a_kernel_lowers_under_a_one_device_jit(monkeypatch):
+    """jax's cuDNN attention is a ``custom_partitioning`` op; inside the primitive's lowering
+    it asserted under a plain one-device ``jit`` (found on an H200). The same kind of op in the
+    CPU kernel's place now lowers, and gives the kernel's values."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    from transformax.attention import primitive
+
+    @custom_partitioning
+    def same(x):
+        return x
+
+    same.def_partition(
+        partition=lambda mesh, args, result: (mesh, lambda x: x, args[0].sharding,
+                                              (args[0].sharding,)),
+        infer_sharding_from_operands=lambda mesh, args, result: args[0].sharding,
+        sharding_rule="b h l e -> b h l e")
+    q = jax.random.normal(jax.random.key(0), (1, 2, 8, 16))
+    want = jax.jit(lambda q: tfx.sdpa(q, q, q))(q)
+    runner = primitive._RUNNERS[primitive.forward_p]
+    monkeypatch.setitem(primitive._RUNNERS, primitive.forward_p,
+                        lambda *args: [same(runner(*args)[0]), *runner(*args)[1:]])
+    np.testing.assert_array_equal(jax.jit(lambda q: tfx.sdpa(q, q, q) + 0)(q), want)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 # vma typing and the lowering's device context: jax.extend has no public API for them.
 from jax._src import config, core, sharding_impls
+from jax._src import mesh as mesh_lib
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
@@ -113,6 +114,18 @@ def _split_by_partitioner(ctx) -> bool:
     return False
 
 
+def _local(module_context):
+    """``module_context`` for lowering a kernel on one device. A one-device ``jit`` lowers
+    without its device list, which a ``custom_partitioning`` op inside the kernel (jax's cuDNN
+    attention) asserts on: lowered as fully manual, that op is inlined."""
+    axis_context = module_context.axis_context
+    if (isinstance(axis_context, sharding_impls.ShardingContext)
+            and axis_context.num_devices == 1 and axis_context.device_assignment is None):
+        return module_context.replace(
+            axis_context=sharding_impls.SPMDAxisContext(mesh_lib.empty_concrete_mesh))
+    return module_context
+
+
 def _plain(aval):
     return jax.core.ShapedArray(aval.shape, aval.dtype)
 
@@ -125,7 +138,8 @@ def _lowering(prim, platform):
         run = functools.partial(_RUNNERS[prim], problem, name)
         # The kernel is a local computation: trace it on plain (unsharded, invariant) types.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
-                          avals_out=[_plain(a) for a in ctx.avals_out])
+                          avals_out=[_plain(a) for a in ctx.avals_out],
+                          module_context=_local(ctx.module_context))
         with config._check_vma(False):
             return mlir.lower_fun(run, multiple_results=True)(ctx, *args)
     return rule
