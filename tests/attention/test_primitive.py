@@ -95,11 +95,15 @@ def test_float_mask_gradient_matches_math():
     np.testing.assert_allclose(*grads.values(), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH])
-def test_shard_seed_draws_the_dropout_bits_of_global_positions(backend):
+@pytest.mark.parametrize("backend", [
+    tfx.Backend.XLA_FLASH, tfx.Backend.CPU_FLASH,
+    *(pytest.param(b, marks=pytest.mark.slow)  # interpret mode: ~2 s each
+      for b in (tfx.Backend.PALLAS_TPU, tfx.Backend.PALLAS_TRITON))])
+def test_shard_seed_draws_the_dropout_bits_of_global_positions(backend, monkeypatch):
     """A shard's ``uint32[4]`` seed (its first global batch·Hq + head, and Hq) makes a kernel run
     on batch 0..1 and heads 1..2 of 3 reproduce those rows of the whole problem, forward and
     backward (what ``partition.explicit`` passes each shard)."""
+    monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
     call = api._Call(Q, K, V, None, 0.4, False, None, False, jax.random.key(5))
     kernel = select.kernel(backend)
     whole, extras = call.problem, call.extras
