@@ -228,6 +228,26 @@ def test_exact_block_mask_never_evaluates_its_mask_mod_again():
     assert len(fns) == 2 and fns.count(None) == 1
 
 
+def test_eager_calls_with_new_functions_reuse_compiled_kernels():
+    """A score_mod / mask_mod written anew for every call (a new function object computing the
+    same thing) compiles nothing again; one computing something else is not mistaken for it."""
+    from transformax.attention import masks, primitive
+    ids = jnp.asarray(DOCS)
+
+    def call(cap):
+        mask = tfx.create_block_mask(lambda b, h, q, kv: ids[b, q] == ids[b, kv], B, None, L, L,
+                                     BLOCK_SIZE=16)
+        return tfx.flex_attention(Q, K[:, :, :L], V[:, :, :L], block_mask=mask,
+                                  score_mod=lambda s, b, h, q, kv: cap * jnp.tanh(s / cap),
+                                  enable_gqa=True)
+
+    first = call(4.0)
+    compiled = (primitive._compiled.cache_info().misses, masks._analyse._cache_size())
+    np.testing.assert_array_equal(call(4.0), first)
+    assert (primitive._compiled.cache_info().misses, masks._analyse._cache_size()) == compiled
+    assert np.abs(call(0.5) - first).max() > 1e-2
+
+
 def test_block_mask_classifies_its_tiles():
     mask = tfx.create_block_mask(lambda b, h, q, kv: kv <= q, None, None, 40, 40, BLOCK_SIZE=16)
     np.testing.assert_array_equal(mask.table[0, 0], [[1, 0, 0], [2, 1, 0], [2, 2, 1]])

@@ -257,7 +257,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
       scale: defaults to ``1/sqrt(E)``. enable_gqa: query head ``h`` uses key/value head
         ``h // (Hq // Hk)``. return_lse: also return the log-sum-exp (natural log).
 
-    Rows whose keys are all masked give zeros (and an lse of -inf).
+    Rows whose keys are all masked give zeros (and an lse of -inf). Compiled kernels are keyed
+    by what ``score_mod`` and the mask compute (their jaxpr), not by the function objects: an
+    eager call with a lambda written anew each time compiles only once. (Under ``jit``, as in
+    torch, a block mask's ``mask_mod`` is static: a new function object passed as an argument
+    retraces the caller's jitted function; capture changing values as arrays instead.)
     """
     if block_mask is not None and not isinstance(block_mask, masks.Mask):
         raise TypeError(f"flex_attention: block_mask must come from tfx.create_block_mask or "

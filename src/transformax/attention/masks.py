@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformax.attention import blocks
+from transformax.attention.problem import hoist
 
 
 def _is_static(x) -> bool:
@@ -334,9 +335,19 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
             raise ValueError(f"create_block_mask: {name} must be None or an int >= 1; got "
                              f"{value!r}")
     mask = MaskMod(mask_mod, int(Q_LEN), int(KV_LEN))
-    table, lo, hi, exact = blocks.table(mask.mask_mod, B or 1, H or 1, mask.q_len, mask.kv_len,
-                                        block_q, block_k)
+    fn, consts = hoist(mask_mod, "mask_mod", *[jnp.int32] * 4)
+    table, lo, hi, exact = _analyse(fn, B or 1, H or 1, mask.q_len, mask.kv_len, int(block_q),
+                                    int(block_k), consts)
     return BlockMask(mask, table, (int(block_q), int(block_k)), lo, hi, exact)
+
+
+@functools.partial(jax.jit, static_argnums=range(7))
+def _analyse(fn, batch: int, heads: int, q_len: int, kv_len: int, block_q: int, block_k: int,
+             consts):
+    """``blocks.table`` of a hoisted mask_mod, compiled once per computation (not per function
+    object: a mask_mod written again for every call reuses it)."""
+    return blocks.table(lambda b, h, q, kv: fn(b, h, q, kv, *consts), batch, heads, q_len,
+                        kv_len, block_q, block_k)
 
 
 def conjuncts(mask: Mask) -> list[Mask]:

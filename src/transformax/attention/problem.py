@@ -18,8 +18,11 @@ import numpy as np
 
 class Hoisted:
     """A function of scalars whose captured arrays are explicit trailing arguments:
-    ``fn(*scalars, *consts)``. Static (hashable by identity): the consts travel as operands, so
-    the function also runs inside the kernels' own traces, and autodiff reaches them."""
+    ``fn(*scalars, *consts)``. Static, and equal to another with the same computation (the same
+    jaxpr text: operations, literals, the consts' shapes and dtypes), so a call with a new
+    function object that computes the same thing (a lambda written in the call, a mask_mod
+    capturing other values) reuses the compiled kernels; the consts travel as operands, so the
+    function also runs inside the kernels' own traces, and autodiff reaches them."""
 
     def __init__(self, jaxpr, name: str, differentiable: tuple[bool, ...]):
         self.jaxpr, self.name, self.differentiable = jaxpr, name, differentiable
@@ -27,6 +30,13 @@ class Hoisted:
         # Which scalar arguments the function reads (a mask independent of b or h is
         # evaluated once for every batch row or head).
         self.depends = tuple(id(v) in used for v in jaxpr.invars)
+        self._key = (str(jaxpr), name, differentiable)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Hoisted) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
 
     @property
     def n_consts(self) -> int:
