@@ -14,6 +14,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from transformax.attention import blocks, tile_math
@@ -135,14 +136,16 @@ class Visits:
 
 def visits(problem: Problem, extras: Extras, block_q: int, block_k: int,
            transpose: bool = False) -> tuple[Visits, tuple]:
-    """``blocks.classify`` as visit lists: ``(Visits, (n_full, n_visible, order))``."""
-    classes = jnp.asarray(blocks.classify(problem, extras, block_q, block_k))
+    """``blocks.classify`` as visit lists: ``(Visits, (n_full, n_visible, order))``, in NumPy
+    where the classes are static (XLA would constant-fold the sort, for seconds at long S)."""
+    classes = blocks.classify(problem, extras, block_q, block_k)
+    xp = np if isinstance(classes, np.ndarray) else jnp
     if transpose:
-        classes = jnp.swapaxes(classes, 2, 3)
-    rank = jnp.where(classes == blocks.FULL, 0, jnp.where(classes == blocks.PARTIAL, 1, 2))
-    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
-    n_full = jnp.sum(classes == blocks.FULL, axis=-1, dtype=jnp.int32)
-    n_visible = jnp.sum(classes != blocks.EMPTY, axis=-1, dtype=jnp.int32)
+        classes = xp.swapaxes(classes, 2, 3)
+    rank = xp.where(classes == blocks.FULL, 0, xp.where(classes == blocks.PARTIAL, 1, 2))
+    order = xp.argsort(rank, axis=-1, stable=True).astype(np.int32)
+    n_full = xp.sum(classes == blocks.FULL, axis=-1, dtype=np.int32)
+    n_visible = xp.sum(classes != blocks.EMPTY, axis=-1, dtype=np.int32)
     return Visits(*classes.shape), (n_full.reshape(-1), n_visible.reshape(-1), order.reshape(-1))
 
 
