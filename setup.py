@@ -1,5 +1,6 @@
-"""Builds the native CPU attention and int8 matmul kernels (XLA FFI extensions) on x86-64; elsewhere, or if the
-compiler fails, the package installs without it and the selector falls back to XLA kernels."""
+"""Builds the native CPU attention and int8 matmul kernels (XLA FFI extensions) on x86-64;
+elsewhere, or if the compiler fails, the package installs without them and the selectors fall
+back to XLA kernels."""
 
 import importlib.util
 import pathlib

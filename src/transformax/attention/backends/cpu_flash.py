@@ -24,18 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformax import host
+from transformax import host, native
 from transformax.attention import blocks, tune
 from transformax.attention.problem import Extras, Problem
 from transformax.attention.tile_math import finite_or_zero, row_delta
 
-try:
-    from transformax import _flash_cpu
-except ImportError as err:  # not built (not x86-64, or no compiler at install time)
-    _flash_cpu, _IMPORT_ERROR = None, str(err)
-else:
-    jax.ffi.register_ffi_target("tfx_cpu_flash_fwd", _flash_cpu.forward, platform="cpu")
-    jax.ffi.register_ffi_target("tfx_cpu_flash_bwd", _flash_cpu.backward, platform="cpu")
+EXTENSION = native.load("_flash_cpu", {"tfx_cpu_flash_fwd": "forward",
+                                       "tfx_cpu_flash_bwd": "backward"})
 
 NAME = "cpu_flash"
 FEATURES = frozenset({"dense mask", "dropout", "key intervals", "segment ids", "mask_mod"})
@@ -68,11 +63,7 @@ class Config:
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = []
-    if _flash_cpu is None:
-        reasons.append(f"the native extension is not built ({_IMPORT_ERROR})")
-    elif host.current().isa not in _ISA_CODES:
-        reasons.append("this CPU lacks AVX2+FMA")
+    reasons = EXTENSION.reasons_unsupported(_ISA_CODES)
     if problem.dtype not in _DTYPES:
         reasons.append(f"dtype {problem.dtype}: computes in float32 (float32/bfloat16/float16 "
                        f"inputs only)")

@@ -23,6 +23,14 @@ def reasons_unsupported(problem: Problem, *, activations_: str = "int8") -> list
     return reasons
 
 
+def weight_reasons(problem: Problem) -> list[str]:
+    """Why a kernel for per-channel / per-tensor int8 weights only cannot take ``problem``'s."""
+    reasons = [GROUPED] if problem.weight_granularity == "group" else []
+    if problem.bits == 4:
+        reasons.append("packed int4 weights (int8 only)")
+    return reasons
+
+
 def matmul(dot, x, qw):
     """``rescale(dot(xq, values))`` for ``x`` quantized as ``qw`` asks."""
     xq, scale, zero = activations.quantize(x, qw)

@@ -32,10 +32,7 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     if problem.m > max_rows():
         reasons.append(f"{problem.m} rows: a kernel for at most {max_rows()} here (decoding); "
                        f"XLA's GEMM reuses the weight better on more")
-    if problem.weight_granularity == "group":
-        reasons.append(_int8_dot.GROUPED)
-    if problem.bits == 4:
-        reasons.append("packed int4 weights (int8 only)")
+    reasons += _int8_dot.weight_reasons(problem)
     return reasons
 
 

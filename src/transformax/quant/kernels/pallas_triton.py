@@ -67,10 +67,7 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     reasons = pc.cpu_reasons(platform)
     if problem.dtype not in DTYPES:
         reasons.append(f"x dtype {problem.dtype} is not supported ({', '.join(DTYPES)})")
-    if problem.weight_granularity == "group":
-        reasons.append(_int8_dot.GROUPED)
-    if problem.bits == 4:
-        reasons.append("packed int4 weights (int8 only)")
+    reasons += _int8_dot.weight_reasons(problem)
     capability = pc.cuda_capability() if platform == "cuda" else None
     if capability is not None and capability < (8, 0):
         reasons.append(f"needs an sm80+ GPU for int8 tensor cores (found "
