@@ -1,11 +1,15 @@
 // transformax's native int8 matmul for few rows (decoding's GEMVs): XLA FFI handlers for
 //   f32:  y (M, N) f32 = (x (M, K) f32 @ w (K, N) int8) * scale (N)   (weight-only)
 //   s8:   y (M, N) s32 =  x (M, K) int8 @ w (K, N) int8               (int8 activations)
+//   i4:   y (M, N) f32 = sum over groups G of x[:, G] @ w4[G] * scale[G]  (weight-only int4:
+//         w (K / 2, N) int8, two rows per byte; scale (groups, N) f32, groups of K / groups rows)
 // The weight is read once per group of rows, straight from its (K, N) row-major layout, in
 // panels of 4 vectors of columns (64 with AVX-512, 32 with AVX2); threads take contiguous
 // ranges of panels and sweep them in passes of CHUNK_K weight rows. Code paths, picked per call
 // (the ISA is an attribute chosen in Python, checked here against the CPU):
 //   f32: int8 widened to f32 in registers, FMA (AVX-512F or AVX2+FMA);
+//   i4:  each byte widened to int32, its nibbles sign-extended by shifts, to f32, FMA; passes
+//        never straddle a scale group, each scaled as it is added to y;
 //   s8, AVX-512 VNNI: 4 weight rows interleaved per column, vpdpbusd on (x + 128) as u8, the
 //       128 * column sum (vpdpbusd of ones) subtracted at the end;
 //   s8, AVX2: the same interleave, vpmaddubsw on |x| and sign(x) * w (no int16 saturation:
@@ -34,16 +38,20 @@ enum Isa { ISA_AVX2 = 0, ISA_AVX512 = 1, ISA_AVX512_VNNI = 2 };
 // Weight rows per pass over a thread's panels: each row is then read left to right (hardware
 // prefetch streams; a panel-wide sweep down K touches a new page per row), the partial sums kept
 // in y between passes.
-constexpr long CHUNK_K = 64;           // a multiple of 4
+constexpr long CHUNK_K = 64;           // a multiple of 4 (int4: of 8, 2 rows per byte)
 constexpr long PREFETCH_BYTES = 256;   // how far ahead along a row the weight is prefetched
 
-// One call: x (m, k) of f32 or int8, w (k, n) int8, the f32 column scales (f32 only), y (m, n).
+enum Kind { F32, S8, I4 };
+
+// One call: x (m, k) of f32 or int8, w (k, n) int8 (int4: (k / 2, n) packed), the f32 column
+// scales (f32: (n,), int4: (k / group, n)), y (m, n).
 struct Gemv {
   long m, k, n;
   const void* x;
   const int8_t* w;
   const float* scale;
   void* y;
+  long group = 0;  // int4: weight rows per scale group
 };
 
 // The x bytes k0..k0+3 of row `row` as one int32 (bytes past k are 0).
@@ -54,12 +62,27 @@ inline int32_t x_quad(const Gemv& g, long row, long k0) {
   return v;
 }
 
+// Weight row k of column c of a packed int4 weight, sign-extended.
+inline int32_t nibble(const Gemv& g, long k, long c) {
+  const int32_t byte = g.w[(k >> 1) * g.n + c];
+  return k & 1 ? byte >> 4 : int32_t(uint32_t(byte) << 28) >> 28;
+}
+
 // Columns [c0, n) of every row, one column at a time.
-void scalar_columns(const Gemv& g, long c0, bool integer) {
+void scalar_columns(const Gemv& g, long c0, Kind kind) {
   const int8_t* w = g.w;
   for (long r = 0; r < g.m; ++r)
     for (long c = c0; c < g.n; ++c) {
-      if (integer) {
+      if (kind == I4) {
+        const float* x = static_cast<const float*>(g.x) + r * g.k;
+        float acc = 0.f;
+        for (long k0 = 0; k0 < g.k; k0 += g.group) {
+          float part = 0.f;
+          for (long k = k0; k < k0 + g.group; ++k) part += x[k] * float(nibble(g, k, c));
+          acc += part * g.scale[k0 / g.group * g.n + c];
+        }
+        static_cast<float*>(g.y)[r * g.n + c] = acc;
+      } else if (kind == S8) {
         const int8_t* x = static_cast<const int8_t*>(g.x) + r * g.k;
         int32_t acc = 0;
         for (long k = 0; k < g.k; ++k) acc += int32_t(x[k]) * int32_t(w[k * g.n + c]);
@@ -86,10 +109,10 @@ struct Avx512 {
   static constexpr int VW = 16, MR = 4;
   typedef float vf __attribute__((vector_size(64)));
   typedef int32_t vi __attribute__((vector_size(64)));
-  static vf widen(const int8_t* p) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return vf(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+  static vi sext(const int8_t* p) {
+    return vi(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  static vf to_float(vi v) { return vf(_mm512_cvtepi32_ps(__m512i(v))); }
   typedef __m512i Bytes;
   static Bytes load_bytes(const int8_t* p) { return _mm512_loadu_si512(p); }
   static Bytes unpack8(Bytes a, Bytes b, bool hi) {
@@ -122,10 +145,10 @@ struct Avx2 {
   static constexpr int VW = 8, MR = 2;
   typedef float vf __attribute__((vector_size(32)));
   typedef int32_t vi __attribute__((vector_size(32)));
-  static vf widen(const int8_t* p) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return vf(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+  static vi sext(const int8_t* p) {
+    return vi(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  static vf to_float(vi v) { return vf(_mm256_cvtepi32_ps(__m256i(v))); }
   typedef __m256i Bytes;
   static Bytes load_bytes(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -151,37 +174,44 @@ struct Avx2 {
 #pragma GCC pop_options
 
 // Rows [r, r + rows) of the panel at column c, with the widest row tile that fits.
-template <class Isa, bool INTEGER, int MR = Isa::MR>
+template <class Isa, Kind KIND, int MR = Isa::MR>
 void row_group(const Gemv& g, long rows, long r, long c, long k0, long k1) {
   if constexpr (MR > 1)
-    if (rows < MR) return row_group<Isa, INTEGER, MR - 1>(g, rows, r, c, k0, k1);
-  if constexpr (INTEGER)
+    if (rows < MR) return row_group<Isa, KIND, MR - 1>(g, rows, r, c, k0, k1);
+  if constexpr (KIND == S8)
     Isa::template s8_tile<MR>(g, r, c, k0, k1);
-  else
+  else if constexpr (KIND == F32)
     Isa::template f32_tile<MR>(g, r, c, k0, k1);
-}
-
-// Every row group of the panels [p0, p1), CHUNK_K weight rows per pass.
-template <class Isa, bool INTEGER>
-void run_panels(const Gemv& g, long p0, long p1) {
-  for (long k0 = 0; k0 < g.k; k0 += CHUNK_K)
-    for (long p = p0; p < p1; ++p)
-      for (long r = 0; r < g.m; r += Isa::MR)
-        row_group<Isa, INTEGER>(g, std::min<long>(Isa::MR, g.m - r), r, p * Isa::PANEL, k0,
-                                std::min(g.k, k0 + CHUNK_K));
-}
-
-// Panels [p0, p1) on the ISA's code path (AVX-512 without VNNI: f32 only).
-void run(const Gemv& g, int64_t isa, bool integer, long p0, long p1) {
-  if (integer)
-    (isa == ISA_AVX512_VNNI ? run_panels<Avx512, true> : run_panels<Avx2, true>)(g, p0, p1);
   else
-    (isa == ISA_AVX2 ? run_panels<Avx2, false> : run_panels<Avx512, false>)(g, p0, p1);
+    Isa::template int4_tile<MR>(g, r, c, k0, k1, g.scale + k0 / g.group * g.n);
+}
+
+// Every row group of the panels [p0, p1), CHUNK_K weight rows per pass (int4: 2 * CHUNK_K,
+// CHUNK_K bytes, and none across a scale group).
+template <class Isa, Kind KIND>
+void run_panels(const Gemv& g, long p0, long p1) {
+  const long group = KIND == I4 ? g.group : g.k, chunk = KIND == I4 ? 2 * CHUNK_K : CHUNK_K;
+  for (long g0 = 0; g0 < g.k; g0 += group)
+    for (long k0 = g0; k0 < g0 + group; k0 += chunk)
+      for (long p = p0; p < p1; ++p)
+        for (long r = 0; r < g.m; r += Isa::MR)
+          row_group<Isa, KIND>(g, std::min<long>(Isa::MR, g.m - r), r, p * Isa::PANEL, k0,
+                               std::min(g0 + group, k0 + chunk));
+}
+
+// Panels [p0, p1) on the ISA's code path (AVX-512 without VNNI: f32 and int4 only).
+void run(const Gemv& g, int64_t isa, Kind kind, long p0, long p1) {
+  if (kind == S8)
+    (isa == ISA_AVX512_VNNI ? run_panels<Avx512, S8> : run_panels<Avx2, S8>)(g, p0, p1);
+  else if (kind == F32)
+    (isa == ISA_AVX2 ? run_panels<Avx2, F32> : run_panels<Avx512, F32>)(g, p0, p1);
+  else
+    (isa == ISA_AVX2 ? run_panels<Avx2, I4> : run_panels<Avx512, I4>)(g, p0, p1);
 }
 
 // The panel width of the code path `run` takes.
-long panel_width(int64_t isa, bool integer) {
-  return (integer ? isa == ISA_AVX512_VNNI : isa != ISA_AVX2) ? Avx512::PANEL : Avx2::PANEL;
+long panel_width(int64_t isa, Kind kind) {
+  return (kind == S8 ? isa == ISA_AVX512_VNNI : isa != ISA_AVX2) ? Avx512::PANEL : Avx2::PANEL;
 }
 
 bool isa_supported(int64_t isa) {
@@ -199,59 +229,73 @@ bool isa_supported(int64_t isa) {
 // thread and by pool tasks (the caller alone runs them all if no pool thread is free, so a busy
 // pool cannot stall it; a task that starts after every range is claimed touches only `claims`),
 // runs the scalar columns on the caller, and waits for the ranges to finish.
-void parallel_panels(ffi::ThreadPool& pool, const Gemv& g, int64_t isa, bool integer,
+void parallel_panels(ffi::ThreadPool& pool, const Gemv& g, int64_t isa, Kind kind,
                      long threads) {
-  const long panel = panel_width(isa, integer);
+  const long panel = panel_width(isa, kind);
   const long panels = g.n / panel;
   const long parts = std::max(1L, std::min(threads, panels));
   struct Claims {
     std::atomic<long> next{0}, finished{0};
   };
   auto claims = std::make_shared<Claims>();
-  auto claim = [claims, g, isa, integer, panels, parts]() {
+  auto claim = [claims, g, isa, kind, panels, parts]() {
     for (long t; (t = claims->next.fetch_add(1)) < parts;) {
-      run(g, isa, integer, panels * t / parts, panels * (t + 1) / parts);
+      run(g, isa, kind, panels * t / parts, panels * (t + 1) / parts);
       claims->finished.fetch_add(1, std::memory_order_release);
     }
   };
   for (long t = 1; t < parts; ++t) pool.Schedule([claim]() { claim(); });
   claim();
-  scalar_columns(g, panels * panel, integer);
+  scalar_columns(g, panels * panel, kind);
   while (claims->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
-                  ffi::Result<ffi::AnyBuffer> y, int64_t isa, int64_t threads, bool integer) {
+                  ffi::Result<ffi::AnyBuffer> y, int64_t isa, int64_t threads, Kind kind) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("tfx int8 matmul: x must be (M, K) and w (K, N)");
-  if (w.element_type() != ffi::S8 || x.element_type() != (integer ? ffi::S8 : ffi::F32))
+  const long rows_per_byte = kind == I4 ? 2 : 1;
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] * rows_per_byte)
+    return ffi::Error::InvalidArgument(kind == I4 ? "tfx int4 matmul: x must be (M, K) and w "
+                                                    "(K / 2, N)"
+                                                  : "tfx int8 matmul: x must be (M, K) and w (K, N)");
+  if (w.element_type() != ffi::S8 || x.element_type() != (kind == S8 ? ffi::S8 : ffi::F32))
     return ffi::Error::InvalidArgument("tfx int8 matmul: w must be int8 and x " +
-                                       std::string(integer ? "int8" : "float32"));
-  if (!integer && (scale.element_type() != ffi::F32 ||
-                   scale.element_count() != static_cast<size_t>(wd[1])))
-    return ffi::Error::InvalidArgument("tfx int8 matmul: scale must be float32 (N,)");
+                                       std::string(kind == S8 ? "int8" : "float32"));
+  auto sd = scale.dimensions();
+  const long groups = kind == I4 && sd.size() == 2 ? sd[0] : 1;
+  if (kind != S8 && (scale.element_type() != ffi::F32 || sd.size() != (kind == I4 ? 2u : 1u) ||
+                     sd[sd.size() - 1] != wd[1] || groups < 1 || xd[1] % groups))
+    return ffi::Error::InvalidArgument(kind == I4 ? "tfx int4 matmul: scale must be float32 "
+                                                    "(groups, N), groups dividing K"
+                                                  : "tfx int8 matmul: scale must be float32 (N,)");
   if (!isa_supported(isa) || threads < 1)
     return ffi::Error::InvalidArgument("tfx int8 matmul: this CPU lacks the requested ISA, "
                                        "or threads < 1");
   Gemv g{xd[0], xd[1], wd[1], x.untyped_data(), w.typed_data<int8_t>(),
-         integer ? nullptr : scale.typed_data<float>(), y->untyped_data()};
+         kind == S8 ? nullptr : scale.typed_data<float>(), y->untyped_data(),
+         xd[1] / groups};
   if (g.k == 0)
     std::memset(g.y, 0, g.m * g.n * 4);
   else if (g.m > 0 && g.n > 0)
-    parallel_panels(pool, g, isa, integer, threads);
+    parallel_panels(pool, g, isa, kind, threads);
   return ffi::Error::Success();
 }
 
 ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                       ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y, int64_t isa,
                       int64_t threads) {
-  return matmul(pool, x, w, scale, y, isa, threads, false);
+  return matmul(pool, x, w, scale, y, isa, threads, F32);
 }
 
 ffi::Error matmul_s8(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                      ffi::Result<ffi::AnyBuffer> y, int64_t isa, int64_t threads) {
-  return matmul(pool, x, w, w, y, isa, threads, true);
+  return matmul(pool, x, w, w, y, isa, threads, S8);
+}
+
+ffi::Error matmul_i4(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> y, int64_t isa,
+                     int64_t threads) {
+  return matmul(pool, x, w, scale, y, isa, threads, I4);
 }
 
 }  // namespace
@@ -275,13 +319,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxInt8MatmulS8, matmul_s8,
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfxInt4MatmulF32, matmul_i4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) f32
+                                  .Arg<ffi::AnyBuffer>()  // w (K / 2, N) int8, packed int4
+                                  .Arg<ffi::AnyBuffer>()  // scale (groups, N) f32
+                                  .Ret<ffi::AnyBuffer>()  // y (M, N) f32
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("threads"));
+
 // The Python module: capsules for jax.ffi.register_ffi_target.
 static PyObject* capsule(void* handler) { return PyCapsule_New(handler, nullptr, nullptr); }
 
 static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8_cpu",
-                             "Native CPU int8 matmul for few rows (XLA FFI handlers).", -1,
+                             "Native CPU int8 / int4 matmul for few rows (XLA FFI handlers).", -1,
                              methods};
 
 PyMODINIT_FUNC PyInit__int8_cpu() {
@@ -289,5 +343,6 @@ PyMODINIT_FUNC PyInit__int8_cpu() {
   if (m == nullptr) return nullptr;
   PyModule_AddObject(m, "matmul_f32", capsule(reinterpret_cast<void*>(TfxInt8MatmulF32)));
   PyModule_AddObject(m, "matmul_s8", capsule(reinterpret_cast<void*>(TfxInt8MatmulS8)));
+  PyModule_AddObject(m, "matmul_i4", capsule(reinterpret_cast<void*>(TfxInt4MatmulF32)));
   return m;
 }

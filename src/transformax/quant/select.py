@@ -31,12 +31,13 @@ class Kernel(str, enum.Enum):
     XLA_INT8X2 = "xla_int8x2"
     PALLAS_TRITON = "pallas_triton"
     CPU_INT8 = "cpu_int8"
+    CPU_INT4 = "cpu_int4"
 
 
 PRIORITY = {
     # pallas_triton runs on cpu only in Pallas interpret mode (tests), last.
-    "cpu": (Kernel.CPU_INT8, Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16, Kernel.DEQUANT,
-            Kernel.PALLAS_TRITON),
+    "cpu": (Kernel.CPU_INT8, Kernel.CPU_INT4, Kernel.XLA_INT8, Kernel.XLA_INT8X2, Kernel.XLA_BF16,
+            Kernel.DEQUANT, Kernel.PALLAS_TRITON),
     "cuda": (Kernel.PALLAS_TRITON, Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2,
              Kernel.DEQUANT),
     "tpu": (Kernel.XLA_INT8, Kernel.XLA_BF16, Kernel.XLA_INT8X2, Kernel.DEQUANT),

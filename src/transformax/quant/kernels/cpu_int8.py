@@ -22,18 +22,23 @@ from transformax.quant.problem import Problem
 from transformax.quant.qweight import QuantizedWeight
 
 EXTENSION = native.load("_int8_cpu", {"tfx_cpu_int8_f32": "matmul_f32",
-                                      "tfx_cpu_int8_s8": "matmul_s8"})
+                                      "tfx_cpu_int8_s8": "matmul_s8",
+                                      "tfx_cpu_int4": "matmul_i4"})  # cpu_int4's
 
 _ISA_CODES = {"avx2": 0, "avx512": 1, "avx512_vnni": 2}
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = EXTENSION.reasons_unsupported(("avx2", "avx512"))
+    return (EXTENSION.reasons_unsupported(("avx2", "avx512")) + row_reasons(problem)
+            + _int8_dot.weight_reasons(problem))
+
+
+def row_reasons(problem: Problem) -> list[str]:
+    """Why the native kernels (cpu_int8, cpu_int4) do not take ``problem``'s rows."""
     if problem.m > max_rows():
-        reasons.append(f"{problem.m} rows: a kernel for at most {max_rows()} here (decoding); "
-                       f"XLA's GEMM reuses the weight better on more")
-    reasons += _int8_dot.weight_reasons(problem)
-    return reasons
+        return [f"{problem.m} rows: a kernel for at most {max_rows()} here (decoding); XLA's "
+                f"GEMM reuses the weight better on more"]
+    return []
 
 
 def max_rows() -> int:
