@@ -143,7 +143,20 @@ def _softcap(s, b, h, q, kv):
     return 4.0 * jnp.tanh(s / 4.0)
 
 
+BIAS = jnp.linspace(-1.0, 1.0, 40 + 56)
+
+
+def _relative_bias(s, b, h, q, kv):
+    return s + BIAS[kv - q + 40]
+
+
+def _documents_mod(b, h, q, kv):  # rows see several spans: evaluated per tile, not intervals
+    return (DOCS[b][jnp.minimum(q, 39)] == KV_DOCS[b, kv]) | (kv % 9 == 0)
+
+
 STRUCTURED = {
+    "relative_bias_documents_mod": lambda: flex(
+        tfx.create_block_mask(_documents_mod, 2, None, 40, 56, BLOCK_SIZE=8), _relative_bias),
     "documents_window_alibi": lambda: flex(
         tfx.document_mask(DOCS, KV_DOCS) & tfx.sliding_window(40, 56, 40, lower_right=True),
         _alibi),
@@ -155,10 +168,13 @@ STRUCTURED = {
 
 
 @pytest.mark.parametrize("case, kernel", [
-    ("documents_window_alibi", "triton"), ("block_mask_band_softcap", "tpu"),
+    ("relative_bias_documents_mod", "triton"), ("documents_window_alibi", "tpu"),
     *(pytest.param(*c, marks=pytest.mark.slow) for c in [
-        ("documents_window_alibi", "tpu"), ("block_mask_band_softcap", "triton")])])
+        ("documents_window_alibi", "triton"), ("block_mask_band_softcap", "tpu"),
+        ("block_mask_band_softcap", "triton")])])
 def test_structured_interpret(case, kernel):
+    """Triton reads the captured arrays at per-element positions (vector loads), the TPU kernel
+    at (b, h) positions from SMEM."""
     p, inputs = STRUCTURED[case]()
     assert p.structured and p.score_fn is not None
     module, config = KERNELS[kernel]
@@ -219,17 +235,17 @@ def test_reasons(monkeypatch):
         "dtype float16 is not supported on tpu (bfloat16, float32)"]
 
 
-def test_indexing_a_captured_array_runs_only_in_interpret_mode(monkeypatch):
-    """``slopes[h]`` lowers to a dynamic_slice, which neither Triton nor Mosaic lowers: the
-    compiled kernels say so (the selector falls through), interpret mode runs it."""
+def test_captured_arrays_by_kernel(monkeypatch):
+    """Triton runs hooks that index captured arrays anywhere; Mosaic where they read one element
+    per (b, h) (SMEM), interpret mode everything."""
     monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
-    alibi, softcap = (STRUCTURED[c]()[0] for c in STRUCTURED)
-    for module, platform in ((pallas_triton, "cuda"), (pallas_tpu, "tpu")):
-        assert module.reasons_unsupported(alibi, platform) == [
-            f"its score_mod indexes a captured array (dynamic_slice), which the Pallas "
-            f"{platform} lowering does not support"]
-        assert module.reasons_unsupported(alibi, "cpu") == []
-        assert module.reasons_unsupported(softcap, platform) == []
+    gathers, alibi = (STRUCTURED[c]()[0] for c in STRUCTURED if c != "block_mask_band_softcap")
+    assert pallas_triton.reasons_unsupported(gathers, "cuda") == []
+    assert pallas_tpu.reasons_unsupported(alibi, "tpu") == []
+    assert pallas_tpu.reasons_unsupported(gathers, "cpu") == []
+    assert pallas_tpu.reasons_unsupported(gathers, "tpu") == [
+        f"its {name} reads a captured array at per-element positions (a vector gather), "
+        f"which the Pallas tpu lowering does not support" for name in ("mask_mod", "score_mod")]
 
 
 @cpu_only
@@ -331,8 +347,9 @@ def test_tpu_kernel_on_tpu(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on("gpu"), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("config", ["default", "small"])
-def test_triton_gpu_structured(config):
-    p, inputs = STRUCTURED["block_mask_band_softcap"]()
+@pytest.mark.parametrize("case", ["block_mask_band_softcap", "relative_bias_documents_mod"])
+def test_triton_gpu_structured(config, case):
+    p, inputs = STRUCTURED[case]()
     with _reference_precision():
         check_against_math(p, pallas_triton, None if config == "default" else KERNELS["triton"][1],
                            inputs=inputs)
@@ -340,8 +357,9 @@ def test_triton_gpu_structured(config):
 
 @pytest.mark.tpu
 @pytest.mark.skipif(not _on("tpu"), reason="needs a TPU")
-def test_tpu_structured_on_tpu():
-    p, inputs = STRUCTURED["block_mask_band_softcap"]()
+@pytest.mark.parametrize("case", ["block_mask_band_softcap", "documents_window_alibi"])
+def test_tpu_structured_on_tpu(case):
+    p, inputs = STRUCTURED[case]()
     with _reference_precision():
         check_against_math(p, pallas_tpu, inputs=inputs)
 

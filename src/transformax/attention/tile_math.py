@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformax.attention import tile_hooks
 from transformax.attention.problem import Extras, Hoisted, Problem
 
 
@@ -30,7 +31,10 @@ class Index(NamedTuple):
 def elementwise(fn: Hoisted, args, consts):
     """``fn`` (of scalars, as torch's score_mod/mask_mod) applied to every element of the
     broadcast of ``args``, with ``consts`` passed whole: one ``vmap`` per axis, mapping only the
-    arguments that vary along it."""
+    arguments that vary along it. Consts that are refs (a Pallas kernel's operands) are read
+    by loads at the tile's positions instead (``tile_hooks``: no gathers)."""
+    if any(is_ref(c) for c in consts):
+        return tile_hooks.evaluate(fn, args, consts)
     args = [jnp.asarray(a) for a in args]
     shape = jnp.broadcast_shapes(*(a.shape for a in args))
     args = [a.reshape((1,) * (len(shape) - a.ndim) + a.shape) for a in args]
@@ -42,6 +46,11 @@ def elementwise(fn: Hoisted, args, consts):
         f = jax.vmap(f, in_axes=[0 if kept[axis] else None for kept in keeps]
                      + [None] * len(consts))
     return f(*squeezed, *consts)
+
+
+def is_ref(x) -> bool:
+    """Whether ``x`` is a ref (a Pallas kernel's operand), not an array."""
+    return isinstance(getattr(x, "aval", None), jax.ref.AbstractRef)
 
 
 def _row_lookup(table, idx: Index, length: int):
@@ -105,15 +114,19 @@ def scores(problem: Problem, extras: Extras, raw, idx: Index, dense_tile=None,
 
 def score_mod_vjp(problem: Problem, extras: Extras, raw, idx: Index, ds):
     """Backward of the hook: ``ds`` (gradient of the modified scores) -> the gradient of the
-    raw scores and of the score_mod's differentiable captured arrays (summed over the tile)."""
+    raw scores and of the score_mod's differentiable captured arrays (summed over the tile;
+    none where they are refs: kernels that read them by loads get them from another pass)."""
     if problem.score_fn is None:
         return ds, ()
 
+    refs = any(is_ref(c) for c in extras.score_consts)
+
     def hooked(raw, *diff_consts):
-        consts = with_differentiable(problem, extras.score_consts, diff_consts)
+        consts = extras.score_consts if refs else with_differentiable(
+            problem, extras.score_consts, diff_consts)
         return elementwise(problem.score_fn, (raw, *idx), consts).astype(raw.dtype)
 
-    _, vjp = jax.vjp(hooked, raw, *differentiable_consts(problem, extras))
+    _, vjp = jax.vjp(hooked, raw, *(() if refs else differentiable_consts(problem, extras)))
     draw, *dconsts = vjp(ds.astype(raw.dtype))
     return draw, tuple(dconsts)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from transformax.attention import blocks, tile_math
+from transformax.attention import blocks, tile_hooks, tile_math
 from transformax.attention.backends import xla_flash
 from transformax.attention.problem import Extras, Problem
 
@@ -51,32 +51,32 @@ def per_platform(build, *args, interpret=None):
     return lax.platform_dependent(*args, cpu=build(interpret=True), default=compiled)
 
 
-def indexing_reasons(problem: Problem, platform: str) -> list[str]:
-    """Why the compiled kernels cannot run the mask_mod/score_mod: indexing a captured array
-    by position (``slopes[h]``, ``table[q_idx - kv_idx]``) is a gather or dynamic_slice, which
-    neither the Triton nor the Mosaic lowering supports. Interpret mode (cpu) runs them."""
+def indexing_reasons(problem: Problem, platform: str, vector_loads: bool = True) -> list[str]:
+    """Why a compiled kernel cannot run the mask_mod/score_mod on tiles (``tile_hooks``):
+    what it does with its captured arrays has no load form, or (without ``vector_loads``) it
+    reads them at per-element positions (``table[q_idx - kv_idx]``, not ``slopes[h]``) or an
+    array both whole and one element at a time. Interpret mode (cpu) runs everything."""
     if platform == "cpu":
         return []
     reasons = []
     for name, fn in (("mask_mod", problem.mask_fn), ("score_mod", problem.score_fn)):
-        found = sorted(_primitives(fn.jaxpr) & {"gather", "dynamic_slice"}) if fn else []
-        if found:
-            reasons.append(f"its {name} indexes a captured array ({', '.join(found)}), which "
-                           f"the Pallas {platform} lowering does not support")
+        if fn is None:
+            continue
+        try:
+            loads = tile_hooks.check(fn)
+        except tile_hooks.Unsupported as err:
+            reasons.append(f"its {name} cannot run on tiles here: {err}")
+            continue
+        if vector_loads:
+            continue
+        if any(shape for const in loads for shape in const if shape):
+            reasons.append(f"its {name} reads a captured array at per-element positions (a "
+                           f"vector gather), which the Pallas {platform} lowering does not "
+                           f"support")
+        elif any(None in const and () in const for const in loads):
+            reasons.append(f"its {name} reads a captured array both whole and one element at "
+                           f"a time")
     return reasons
-
-
-def _primitives(jaxpr) -> set[str]:
-    """The names of the primitives in ``jaxpr``, its sub-jaxprs included."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-                if hasattr(sub, "eqns"):
-                    names |= _primitives(sub)
-    return names
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,9 +12,12 @@ group, visit)``, accumulating the whole group in VMEM (K/V are never repeated).
 
 Scores, masks (causal offset, key intervals, segment ids, mask_mod, dense), score_mod and
 dropout are ``tile_math``'s, on the tile's index arrays; the structured mask's per-row and
-per-key arrays arrive as blocks of the tile, the mask_mod/score_mod captured arrays whole in
-VMEM (indexing them by position, a gather, runs only in interpret mode: ``reasons_unsupported``
-says so on tpu). The captured arrays' gradients come from a separate plain-JAX pass
+per-key arrays arrive as blocks of the tile, the mask_mod/score_mod captured arrays whole:
+in SMEM those read one element at a position of the batch and head (``slopes[h]``,
+``offsets[b]``: scalar loads, ``tile_hooks``), in VMEM those read whole. Mosaic has no vector
+gather, so a hook reading a captured array at per-element positions (``table[q_idx - kv_idx]``,
+``ids[b, q_idx]``) runs only in interpret mode (``reasons_unsupported`` says so on tpu). The
+score_mod's captured arrays get their gradients from a separate plain-JAX pass
 (``pallas_common.score_consts_gradients``).
 
 Blocks default to 512 x 512: 128 x 128 tiles leave the MXU of v5e-class chips mostly idle.
@@ -40,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from transformax.attention.backends import pallas_common as pc
-from transformax.attention import tile_math
+from transformax.attention import tile_hooks, tile_math
 from transformax.attention.problem import Extras, Problem, cdiv
 from transformax.attention.tile_math import Index, dropout_keep, finite_or_zero, row_delta
 
@@ -73,7 +76,8 @@ def default_config(problem: Problem) -> Config:
 
 
 def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
-    reasons = pc.cpu_reasons(platform) + pc.indexing_reasons(problem, platform)
+    reasons = pc.cpu_reasons(platform) + pc.indexing_reasons(problem, platform,
+                                                            vector_loads=False)
     if platform == "cpu":
         supported = _DTYPES + (np.dtype(jnp.float16),)
     else:
@@ -97,7 +101,7 @@ class _Tile:
         self.idx = Index(b, h, row0 + lax.broadcasted_iota(jnp.int32, shape, 0),
                          col0 + lax.broadcasted_iota(jnp.int32, shape, 1))
         self.extras = extras
-        self.consts = Extras(score_consts=tuple(r[...] for r in extras.score_consts))
+        self.consts = Extras(score_consts=extras.score_consts)  # refs: read by ``tile_hooks``
 
     def raw(self, q, k):
         """f32 ``scale * q k^T``: natural-log units, what score_mod sees."""
@@ -116,7 +120,7 @@ class _Tile:
             tile = tile.astype(jnp.int32) != 0 if p.mask_is_bool else tile.astype(jnp.float32)
         tile_extras = self.consts._replace(
             bounds=tuple(r[...] for r in e.bounds), segments=tuple(r[...] for r in e.segments),
-            mask_consts=tuple(r[...] for r in e.mask_consts))
+            mask_consts=e.mask_consts)
         s = tile_math.scores(p, tile_extras, raw, idx, tile, gathered=True)
         if p.kv_len % raw.shape[1]:
             s = jnp.where(idx.kv < p.kv_len, s, -jnp.inf)
@@ -299,7 +303,10 @@ def _specs(p: Problem, bq: int, bk: int, where):
         spec((sq, bq, 1), lambda b, h, i, j: (b if p.segments > 1 else 0, i, 0)),
         spec((sq, 1, bk), lambda b, h, i, j: (b if p.segments > 1 else 0, 0, j))) \
         if p.segments else (None, None)
-    whole = pl.BlockSpec(memory_space=pltpu.VMEM)
+    def captured(fn):  # SMEM for the arrays read one element at a time, at (b, h) positions
+        return tuple(pl.BlockSpec(memory_space=pltpu.SMEM if scalar else pltpu.VMEM)
+                     for scalar in (tile_hooks.scalar_only(fn) if fn else ()))
+
     mask = None
     if p.has_mask:
         bm, hm, lm, sm = p.mask_shape
@@ -309,8 +316,7 @@ def _specs(p: Problem, bq: int, bk: int, where):
     extras = Extras(
         mask, pl.BlockSpec(memory_space=pltpu.SMEM) if p.has_dropout else None,
         (per_row, per_row) if p.bounds else (), (seg_rows, seg_cols) if p.segments else (),
-        None, (whole,) * (p.mask_fn.n_consts if p.mask_fn else 0),
-        (whole,) * (p.score_fn.n_consts if p.score_fn else 0))
+        None, captured(p.mask_fn), captured(p.score_fn))
     inputs = [q_side(p.head_dim), kv_side(p.head_dim), kv_side(p.v_head_dim), *extras.flat()]
     return inputs, q_side, kv_side, rows
 
@@ -321,7 +327,19 @@ def _kernel_operands(p: Problem, extras: Extras) -> list:
     bounds = tuple(x[..., None] for x in extras.bounds)
     segments = () if not extras.segments else (extras.segments[0][..., None],
                                                extras.segments[1][:, None])
-    return pc.kernel_operands(p, extras._replace(bounds=bounds, segments=segments))
+    return pc.kernel_operands(p, extras._replace(
+        bounds=bounds, segments=segments, mask_consts=_smem_words(p.mask_fn, extras.mask_consts),
+        score_consts=_smem_words(p.score_fn, extras.score_consts)))
+
+
+def _smem_words(fn, consts) -> tuple:
+    """``consts`` with those that go to SMEM (``_specs``) widened to 32 bits, its word size
+    (``tile_hooks`` reads them back in their own dtype)."""
+    if fn is None:
+        return consts
+    return tuple(c.astype(jnp.float32 if jnp.issubdtype(c.dtype, jnp.floating) else jnp.int32)
+                 if scalar and c.dtype.itemsize < 4 else c
+                 for c, scalar in zip(consts, tile_hooks.scalar_only(fn)))
 
 
 def _pallas(kernel, grid, semantics, interpret, name, in_specs, out_specs, scratch_shapes,

@@ -10,10 +10,11 @@ GQA group and the query blocks that see it), one per query block (dq).
 
 Scores, masks (causal offset, key intervals, segment ids, mask_mod, dense), score_mod and
 dropout are ``tile_math``'s, in natural-log units, converted to base 2 after the mask. The
-structured mask's per-row and per-key values are loaded per tile; the mask_mod/score_mod
-captured arrays whole (indexing them by position, a gather, runs only in interpret mode:
-``reasons_unsupported`` says so on cuda). The captured arrays' gradients come from a
-separate plain-JAX pass (``pallas_common.score_consts_gradients``).
+structured mask's per-row and per-key values are loaded per tile. The mask_mod/score_mod
+captured arrays are whole-array operands that the hooks read at the tile's positions
+(``tile_hooks``: ``table[q_idx - kv_idx]`` becomes a vector load, ``slopes[h]`` a scalar one).
+The score_mod's captured arrays get their gradients from a separate plain-JAX pass
+(``pallas_common.score_consts_gradients``).
 
 Nothing is padded or repeated in memory: head dims are padded to a power of two and ragged
 sequence ends handled by masked loads and stores. A bool mask is read as int8.
@@ -266,9 +267,9 @@ class _Scores:
         self.mask_head = jnp.int32(mask_head) if isinstance(mask_head, int) else mask_head
         self.seed = None if extras.seed is None else tuple(
             extras.seed[i] for i in range(extras.seed.shape[0]))
-        # The score_mod's captured arrays, loaded whole (their indexing needs gathers, which
-        # lower only in interpret mode; functions of the indices alone compile anywhere).
-        self.consts = Extras(score_consts=tuple(r[...] for r in extras.score_consts))
+        # The hooks' captured arrays stay refs: indexing them becomes loads at the tile's
+        # positions (``tile_hooks``).
+        self.consts = Extras(score_consts=extras.score_consts)
 
     def raw(self, q, k):
         """``scale * q k^T`` in f32: natural-log units, what score_mod sees."""
@@ -311,7 +312,7 @@ class _Scores:
 
         segments = () if not e.segments else (rows(e.segments[0]), cols(e.segments[1]))
         return self.consts._replace(bounds=tuple(rows(r) for r in e.bounds), segments=segments,
-                                    mask_consts=tuple(r[...] for r in e.mask_consts))
+                                    mask_consts=e.mask_consts)
 
     def _mask_tile(self, row0, col0, idx: Index):
         p, ref = self.p, self.extras.mask
