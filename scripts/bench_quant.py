@@ -13,7 +13,8 @@ The stack: ``--blocks`` x [Linear(1024 -> 4096) -> GELU(tanh) -> Linear(4096 -> 
 ``--tokens`` tokens. Errors are relative Frobenius norms against a float64 torch forward.
 ``--bench linear``: one Linear(1024 -> 4096) at ``--rows`` rows, f32 against int8 weight-only
 (each transformax kernel; torch's with f32 and bf16 activations). ``--bench decode``: GPT-2-small
-greedy decoding (batch 1) tokens/s, f32 against int8. Prints tables and writes JSON with the
+greedy decoding (batch 1) tokens/s, f32 against int8 and int4. ``--bench rows``: the native
+kernels against every other cpu kernel by rows (their crossovers). Prints tables and writes JSON with the
 host (CPU, ISA, caches, versions, flags).
 """
 
@@ -227,6 +228,41 @@ def linear_bench(args) -> list[dict]:
     return rows
 
 
+def rows_bench(args) -> list[dict]:
+    """Where the native kernels (cpu_int8, cpu_int4) stop winning (``cpu_int8.ROW_LIMITS``): per
+    recipe and ``--rows`` (at most ``cpu_int8.MAX_ROWS``), each eligible cpu kernel on one
+    Linear(1024 -> 4096) and GPT-2-small's Linear(768 -> 3072)."""
+    rng = np.random.default_rng(4)
+    rows, native = [], {quant.Kernel.CPU_INT8, quant.Kernel.CPU_INT4}
+    print(f"\nNative vs XLA kernels by rows: ms per call, medians of {args.rounds}x"
+          f"{args.repeats * 10}; best = the fastest non-native kernel")
+    for k, n in ((D, HIDDEN), (768, 3072)):
+        w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+        for recipe in ("int8-weight", "int8-dynamic", "int4-weight"):
+            qparams = quant.quantize({"w": w}, recipe)
+            for m in args.rows:
+                xj = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+                runs = {}
+                for v in quant.explain(xj, qparams["w"]).rows:
+                    if v.platform == "cpu" and not v.reasons:
+                        with quant.kernel([v.kernel]):
+                            c = jax.jit(nn.linear).lower(qparams, xj).compile()
+                        runs[v.kernel] = lambda c=c: jax.block_until_ready(c(qparams, xj))
+                if not native & set(runs):
+                    continue  # more rows than the native kernels take
+                times = {kk: statistics.median(t) for kk, t in
+                         timed_rounds(runs, args.rounds, args.repeats * 10).items()}
+                ours = min((kk for kk in times if kk in native), key=times.get)
+                best = min((kk for kk in times if kk not in native), key=times.get)
+                rows.append({"k": k, "n": n, "recipe": recipe, "rows": m,
+                             "ms": {kk.value: t * 1e3 for kk, t in times.items()},
+                             "native_over_best": times[ours] / times[best]})
+                print(f"  ({m:>3}, {k}) @ ({k}, {n}) {recipe:<13} {ours.value} "
+                      f"{times[ours] * 1e3:7.3f}  best {best.value:<10} {times[best] * 1e3:7.3f}"
+                      f"  ratio {times[ours] / times[best]:5.2f}")
+    return rows
+
+
 def one_row_kernels(params) -> str:
     """The cpu kernel a one-row (decoding) product runs for the first quantized layer and for
     the quantized tied head, if any."""
@@ -291,7 +327,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=32 * 128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bench", nargs="+", choices=("mlp", "linear", "decode"),
+    parser.add_argument("--bench", nargs="+", choices=("mlp", "linear", "decode", "rows"),
                         default=["mlp"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -308,7 +344,7 @@ def main(argv=None) -> None:
               "args": vars(args)}
     for name in args.bench:
         result[name] = {"mlp": mlp_bench, "linear": linear_bench,
-                        "decode": decode_bench}[name](args)
+                        "decode": decode_bench, "rows": rows_bench}[name](args)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.out}")

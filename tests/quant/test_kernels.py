@@ -91,6 +91,7 @@ def test_every_kernel_matches_dequantize_then_matmul(name, monkeypatch):
     assert (quant.Kernel.XLA_INT8X2 in kernels) == (recipe.activations == "none")
     assert (quant.Kernel.PALLAS_TRITON in kernels) == (integer and recipe.bits == 8)
     assert (quant.Kernel.CPU_INT8 in kernels) == (integer and recipe.bits == 8 and NATIVE)
+    assert (quant.Kernel.CPU_INT4 in kernels) == (recipe.bits == 4 and NATIVE)
     ref = reference(recipe, qparams["w"])
     for k in kernels:
         with quant.kernel([k]):
@@ -141,9 +142,11 @@ def test_pallas_triton_jit_matches_eager(name, monkeypatch):
 def test_selection_explain_and_kernel_context():
     qw = quant.quantize({"w": jnp.asarray(W)}, "int8-dynamic")["w"]
     e = quant.explain(X, qw)
-    first = quant.Kernel.CPU_INT8 if NATIVE else quant.Kernel.XLA_INT8  # 8 rows: decoding's
-    assert e.chosen("cpu") == first and e.chosen("tpu") == quant.Kernel.XLA_INT8
+    assert e.chosen("cpu") == e.chosen("tpu") == quant.Kernel.XLA_INT8
     text = str(e)
+    if NATIVE:  # cpu_int8 runs int8 activations of one row (decoding) unless measured
+        assert "xla_int8       chosen (host default: 8 rows, cpu_int8 runs up to 1" in text
+        assert quant.explain(X[:1], qw).chosen("cpu") == quant.Kernel.CPU_INT8
     assert "int8 matmul '<root>': (8, 64) @ (64, 48)" in text
     assert ("pallas_triton  cannot run: runs on cpu only in Pallas interpret mode "
             "(TRANSFORMAX_PALLAS_INTERPRET=1)") in text
@@ -207,8 +210,8 @@ def test_weight_only_host_default(monkeypatch, flags, rows, chosen):
     monkeypatch.setattr(tune.host, "current", lambda: machine)
     qw = quant.quantize({"w": jnp.asarray(W)}, "int8-weight")["w"]
     e = quant.explain(np.zeros((rows, K), np.float32), qw)
-    source = "host default" if chosen == "xla_bf16" else "priority"
-    assert f"{chosen:<14} chosen ({source})" in str(e)
+    source = "host default: weight-only, more than 512" if chosen == "xla_bf16" else "priority)"
+    assert f"{chosen:<14} chosen ({source}" in str(e)
 
 
 def test_pallas_triton_lowers_to_triton_for_cuda():

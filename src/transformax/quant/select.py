@@ -2,8 +2,9 @@
 manager and ``explain`` (the same pattern as ``transformax.attention.select``).
 
 Of the kernels allowed and able to run a problem, the current platform runs the one measured
-fastest on this host (``quant.tune``: tuning cache, or autotuning) or, unmeasured, the first
-in its static priority; other platforms (which cannot be timed here) by priority alone.
+fastest on this host (``quant.tune``: tuning cache, or autotuning) or, unmeasured, a host
+default (a native kernel up to its measured row crossover; bf16 for many rows) or the first in
+its static priority; other platforms (which cannot be timed here) by priority alone.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Verdict(selection.Verdict):
     """One kernel on one platform: allowed by ``quant.kernel``, chosen (and why), why it cannot
     run."""
 
-    source: str = "priority"  # why chosen: priority, host default, or pinned / cache / tuned
+    source: str = "priority"  # why chosen: priority, host default (and why), pinned / cache / tuned
     excluded_by: ClassVar[str] = "quant.kernel"
 
     def chosen_note(self) -> str:
@@ -87,11 +88,7 @@ def verdicts(problem: Problem, platform: str) -> list[Verdict]:
     if len(eligible) > 1 and platform == current_platform() and not _context.caller_ordered:
         choice = tune.choose(problem, eligible, module)
         if choice.config.kernel in {k.value for k in eligible}:
-            best = Kernel(choice.config.kernel)
-            if choice.source != "default":
-                source = choice.source
-            elif best != eligible[0]:
-                source = "host default"
+            best, source = Kernel(choice.config.kernel), choice.source
     return [dataclasses.replace(v, chosen=True, source=source) if v.kernel == best else v
             for v in rows]
 

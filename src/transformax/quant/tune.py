@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformax import host, tuning
+from transformax.quant.kernels import cpu_int8
 from transformax.quant.problem import Problem
 from transformax.quant.qweight import INT4_MAX, INT8_MAX, QuantizedWeight, pack_int4
 
 NAME = "quant_matmul"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BF16_MIN_ROWS = 512
+NATIVE = ("cpu_int8", "cpu_int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,24 +40,33 @@ def problem_class(p: Problem) -> str:
 
 
 def choose(problem: Problem, eligible: list, module) -> tuning.Choice:
-    """The kernel (a :class:`Pick`) for ``problem`` among ``eligible`` (in priority order);
-    ``module(kernel)`` is its implementation."""
-    return tuning.choose(NAME, "fwd", problem_class(problem), Pick,
-                         default=lambda: default_pick(problem, eligible),
-                         candidates=lambda: [Pick(k.value) for k in eligible],
-                         measure=lambda pick: measure(problem, module(pick.kernel)))
+    """The kernel (a :class:`Pick`) for ``problem`` among ``eligible`` (in priority order) and
+    where the choice comes from; ``module(kernel)`` is its implementation."""
+    choice = tuning.choose(NAME, "fwd", problem_class(problem), Pick, default=lambda: None,
+                           candidates=lambda: [Pick(k.value) for k in eligible],
+                           measure=lambda pick: measure(problem, module(pick.kernel)))
+    return default_choice(problem, eligible) if choice.config is None else choice
 
 
-def default_pick(problem: Problem, eligible: list) -> Pick:
-    """Unmeasured: the first eligible kernel, except for weight-only products of more than
+def default_choice(problem: Problem, eligible: list) -> tuning.Choice:
+    """Unmeasured: the first eligible kernel ("priority"), with two host defaults. A native
+    kernel (``cpu_int8``, ``cpu_int4``) runs up to its measured crossover
+    (``cpu_int8.row_limit``), the next kernel beyond. A weight-only product of more than
     ``BF16_MIN_ROWS`` rows on an AVX-512 host with bf16 instructions (not an emulated AVX2
-    one): ``xla_bf16`` (measured on Sapphire Rapids at 1024 rows: 2.1x faster than float32,
-    1.7x than ``xla_int8x2``)."""
+    one) runs ``xla_bf16`` (measured on Sapphire Rapids at 1024 rows: 2.1x faster than
+    float32, 1.7x than ``xla_int8x2``)."""
     names, machine = [k.value for k in eligible], host.current()
     if (problem.activations == "none" and problem.m > BF16_MIN_ROWS and "xla_bf16" in names
             and machine.isa == "avx512" and set(BF16_FLAGS) & set(machine.isa_flags)):
-        return Pick("xla_bf16")
-    return Pick(names[0])
+        return tuning.Choice(Pick("xla_bf16"), f"host default: weight-only, more than "
+                                               f"{BF16_MIN_ROWS} rows, bf16 instructions")
+    if names[0] in NATIVE:
+        limit, why = cpu_int8.row_limit(problem)
+        if problem.m <= limit:
+            return tuning.Choice(Pick(names[0]), f"host default: up to {limit} rows {why}")
+        return tuning.Choice(Pick(names[1]), f"host default: {problem.m} rows, {names[0]} "
+                                             f"runs up to {limit} {why}")
+    return tuning.Choice(Pick(names[0]), "priority")
 
 
 def example_operands(p: Problem):

@@ -33,20 +33,33 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
             + _int8_dot.weight_reasons(problem))
 
 
+# The most rows the native kernels (cpu_int8, cpu_int4) take: their time grows with the rows
+# (each row tile widens the weight again), so far beyond their crossovers they cannot win.
+MAX_ROWS = 128
+
+# Rows up to which a native kernel beat every XLA kernel, per host ISA and product (measured on
+# Sapphire Rapids, emulated AVX2 too: `scripts/bench_quant.py --bench rows`, Linear(1024 -> 4096)
+# and (768 -> 3072)): the unmeasured default; the tuning cache or autotuning decide per shape.
+ROW_LIMITS = {"avx512": {"weight-only": 8, "int8 activations": 1, "int4": 64},
+              "avx2": {"weight-only": 4, "int8 activations": 1, "int4": 16}}
+
+
 def row_reasons(problem: Problem) -> list[str]:
-    """Why the native kernels (cpu_int8, cpu_int4) do not take ``problem``'s rows."""
-    if problem.m > max_rows():
-        return [f"{problem.m} rows: a kernel for at most {max_rows()} here (decoding); XLA's "
-                f"GEMM reuses the weight better on more"]
+    """Why the native kernels do not take ``problem``'s rows."""
+    if problem.m > MAX_ROWS:
+        return [f"{problem.m} rows: a kernel for at most {MAX_ROWS} (decoding's few rows; its "
+                f"time grows with the rows)"]
     return []
 
 
-def max_rows() -> int:
-    """The most rows it takes: two of its row tiles (4 rows with AVX-512, 2 with AVX2), so it
-    reads the weight at most twice. Beyond, XLA's int8 dots were faster (Linear(1024 -> 4096),
-    weight-only: AVX-512 16 rows 0.78 ms vs xla_int8x2's 0.57; emulated AVX2 8 rows 0.90 vs
-    0.53)."""
-    return 8 if host.current().isa == "avx512" else 4
+def row_limit(problem: Problem) -> tuple[int, str]:
+    """The rows up to which a native kernel runs ``problem`` unless measured otherwise, and
+    where that number comes from."""
+    product = ("int4" if problem.bits == 4 else
+               "weight-only" if problem.activations == "none" else "int8 activations")
+    machine_isa = host.current().isa
+    limit = ROW_LIMITS.get(machine_isa, {}).get(product, 0)
+    return limit, f"for {product} on {machine_isa} hosts (measured crossover)"
 
 
 def isa(integer: bool) -> str:
