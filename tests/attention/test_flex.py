@@ -297,3 +297,30 @@ def test_explain_says_why_a_kernel_cannot_run_a_score_mod():
                            attn_mask=tfx.sliding_window(L, S, 8)))
     assert "cudnn" in text and "score_mod: not supported by this kernel" in text
     assert "needs=['key intervals', 'score_mod']" in text
+
+
+def test_vmap_over_block_masks_runs_one_branch():
+    """Block masks made inside ``vmap`` (per-example document ids): one ``lax.cond`` for the
+    whole batch (intervals alone where every example's hull is exact, else the mask_mod), not
+    both branches and a select; values and gradients equal the dense mask's either way."""
+    q, k, v = (jnp.asarray(x[:, :, :L]) for x in (Q, K, V))
+    contiguous = jnp.asarray(DOCS)
+    mixed = contiguous.at[1].set(jnp.arange(L) % 3)  # example 1: rows see several spans
+
+    def flex(q, k, v, ids):
+        mask = tfx.create_block_mask(lambda b, h, i, j: ids[i] == ids[j], None, None, L, L,
+                                     BLOCK_SIZE=8)
+        return tfx.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+
+    def dense(q, k, v, ids):
+        return tfx.sdpa(q, k, v, attn_mask=ids[:, None] == ids[None, :], enable_gqa=True)
+
+    def loss(fn):
+        return lambda q, ids: jnp.sum(jax.vmap(fn, (0, 0, 0, 0))(q, k, v, ids) * DOUT)
+
+    assert "cond[" in str(jax.make_jaxpr(jax.vmap(flex))(q, k, v, mixed))
+    for ids in (contiguous, mixed):
+        got = jax.jit(jax.value_and_grad(loss(flex)))(q, ids)
+        want = jax.value_and_grad(loss(dense))(q, ids)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-5)

@@ -276,15 +276,31 @@ def _attend(call: _Call, return_lse: bool):
     """Runs ``call``. A block mask whose row hulls are exact (``create_block_mask`` found every
     row's visible keys contiguous: documents, windows, causal) runs on its key intervals alone,
     the mask_mod never evaluated again: chosen here where that is known, else by ``lax.cond``
-    (a block mask traced under ``jit``)."""
+    (a block mask traced under ``jit``; under ``vmap``, one branch for the whole batch:
+    ``_all_over_vmap``)."""
     full, exact = (call.problem, call.extras), call.hull_exact
     try:
         exact = None if exact is None else bool(exact)
     except jax.errors.ConcretizationTypeError:
-        out, lse = jax.lax.cond(exact, lambda: call.run(*call.lean()), lambda: call.run(*full))
+        out, lse = jax.lax.cond(_all_over_vmap(exact), lambda: call.run(*call.lean()),
+                                lambda: call.run(*full))
     else:
         out, lse = call.run(*(call.lean() if exact else full))
     return (out, lse) if return_lse else out
+
+
+@jax.custom_batching.custom_vmap
+def _all_over_vmap(flag):
+    """``flag``; under ``vmap``, whether it holds for every element, unbatched: a ``lax.cond``
+    on it stays one branch (a batched predicate runs both and selects). For a choice between a
+    fast path valid where ``flag`` holds and a path valid everywhere."""
+    return flag
+
+
+@_all_over_vmap.def_vmap
+def _all_over_vmap_rule(axis_size, in_batched, flag):
+    del axis_size
+    return (jnp.all(flag) if in_batched[0] else flag), False
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
