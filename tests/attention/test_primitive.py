@@ -198,43 +198,81 @@ def test_explicit_sharding_errors(q_spec, k_spec, message):
     assert str(err.value) == message
 
 
-def _on_mesh(axis_type, spec, shape=(2, 4)):
+CPU = jax.sharding.AbstractDevice(device_kind="cpu", num_cores=None, platform="cpu")
+
+
+def _on_mesh(axis_type, spec, shape=(2, 4), device=CPU, array=Q):
+    """``array``'s shape on an abstract mesh, of this process's kind of devices by default (as
+    a jit over a concrete mesh sees it) or of none (``device=None``)."""
     mesh = jax.sharding.AbstractMesh(shape, ("data", "tensor")[:len(shape)],
-                                     (axis_type,) * len(shape))
-    return jax.ShapeDtypeStruct(Q.shape, Q.dtype, sharding=NamedSharding(mesh, spec))
+                                     (axis_type,) * len(shape), abstract_device=device)
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=NamedSharding(mesh, spec))
 
 
-def test_explain_reports_the_kernel_that_runs_where_xla_splits_the_op():
-    """Several devices and no explicit axis splitting the query: the custom-call kernels give
-    way to xla_flash, and the report names the mesh and the kernel that would have run."""
-    mesh = "the 8-device mesh {'data': 2, 'tensor': 4}"
-    for axis_type, spec in ((AxisType.Auto, P("data", "tensor")), (AxisType.Explicit, P())):
-        q = _on_mesh(axis_type, spec)
-        report = tfx.explain(q, q, q, is_causal=True)
-        types = f"(data={axis_type.name}, tensor={axis_type.name})"
-        for platform, planned in (("cpu", "cpu_flash"), ("cuda", "pallas_triton"),
-                                  ("tpu", "pallas_tpu")):
-            assert report.chosen(platform) == tfx.Backend.XLA_FLASH
-            rows = {v.backend.value: v for v in report.rows if v.platform == platform}
-            assert rows[planned].reasons == (
-                f"a custom call XLA's partitioner cannot split: over {mesh} {types} xla_flash "
-                f"runs in its place (for {planned} per shard, shard the query over an explicit "
-                f"mesh or use shard_map)",)
-            assert rows["xla_flash"].config.startswith(f"in place of {planned} over {mesh}")
-    # One device, or an explicit mesh splitting the query (per shard): the planned kernels.
-    for q in (_on_mesh(AxisType.Auto, P("data"), (1,)), _on_mesh(AxisType.Explicit, P("data"))):
-        report = tfx.explain(q, q, q, is_causal=True)
-        assert str(report) == str(tfx.explain(Q, K, V, is_causal=True))
-    # No partitionable kernel allowed: the planned one runs gathered, and says so.
-    q = _on_mesh(AxisType.Auto, P("data"))
+MESH = "the 8-device mesh {'data': 2, 'tensor': 4}"
+PLANNED = (("cpu", "cpu_flash"), ("cuda", "pallas_triton"), ("tpu", "pallas_tpu"))
+Q8, K4 = jnp.zeros((4, 8, 40, 16)), jnp.zeros((4, 4, 48, 16))  # shapes only
+
+
+@pytest.mark.parametrize("axis_type, spec, k, shard, gathered", [
+    (AxisType.Auto, P("data", "tensor"), K4, (2, 2, 40, 16), ""),
+    (AxisType.Explicit, P(), K4, (4, 8, 40, 16), ""),
+    (AxisType.Auto, P(None, "tensor", "data"), K4[:, :2], (4, 8, 40, 16),
+     "; the head dim split over 'tensor' is gathered first (the query heads are split 4 ways "
+     "over 'tensor' but the 2 key/value heads do not divide by 4); the sequence dim split "
+     "over 'data' is gathered first (sdpa splits over batch and heads only: for a split "
+     "sequence use a context-parallel layout)"),
+])
+def test_explain_reports_each_kernel_per_shard_where_xla_splits_the_op(axis_type, spec, k, shard,
+                                                                       gathered):
+    """Several devices and no explicit axis splitting the query: every planned kernel runs per
+    shard (custom calls by their partitioning rule), and the report says on which query shard
+    and what the partitioner gathers first."""
+    q = _on_mesh(axis_type, spec, array=Q8)
+    report = tfx.explain(q, k, k, is_causal=True, enable_gqa=True)
+    types = f"(data={axis_type.name}, tensor={axis_type.name})"
+    for platform, planned in PLANNED:
+        assert report.chosen(platform) == tfx.Backend(planned)
+        row = next(v for v in report.rows if v.platform == platform and v.chosen)
+        assert row.config.startswith(f"per shard over {MESH} {types}: each device runs its "
+                                     f"{shard} query shard{gathered}"), row.config
+
+
+def test_explain_reports_the_kernel_in_place_of_a_custom_call_without_devices():
+    """A mesh of no devices (abstract, e.g. to export for other hardware): jax lowers no
+    partitioning rule there, so a plain-XLA kernel runs in place of each custom call; with none
+    allowed the planned kernel runs gathered. One device, or an explicit mesh splitting the
+    query (per shard): the planned kernels."""
+    q = _on_mesh(AxisType.Auto, P("data", "tensor"), device=None)
+    report = tfx.explain(q, q, q, is_causal=True)
+    for platform, planned in PLANNED:
+        assert report.chosen(platform) == tfx.Backend.XLA_FLASH
+        rows = {v.backend.value: v for v in report.rows if v.platform == platform}
+        assert rows[planned].reasons == (
+            f"with no mesh of this process's devices, a custom call has no partitioning rule: "
+            f"over {MESH} (data=Auto, tensor=Auto) xla_flash runs in its place (for {planned} "
+            f"per shard, shard the query over a jax.make_mesh mesh)",)
+        assert rows["xla_flash"].config.startswith(f"in place of {planned} over {MESH}")
     with tfx.sdpa_kernel(tfx.Backend.PALLAS_TRITON):
         report = tfx.explain(q, q, q)
     assert report.chosen("cuda") == tfx.Backend.PALLAS_TRITON
-    assert str(report).count(f"gathered: XLA's partitioner cannot split this custom call over "
-                             f"{mesh}") == 1
+    assert str(report).count(f"gathered: with no mesh of this process's devices, this custom "
+                             f"call has no partitioning rule over {MESH}") == 1
+    for q in (_on_mesh(AxisType.Auto, P("data"), (1,)), _on_mesh(AxisType.Explicit, P("data"))):
+        report = tfx.explain(q, q, q, is_causal=True)
+        assert str(report) == str(tfx.explain(Q, K, V, is_causal=True))
+
+
+def test_lowering_for_an_abstract_mesh_alone():
+    """No devices to lower a partitioning rule with: the op lowers with plain-XLA kernels."""
+    q = _on_mesh(AxisType.Auto, P("data", "tensor"), device=None, array=Q8)
+    text = jax.jit(lambda q: tfx.sdpa(q, q, q)).trace(q).lower(
+        lowering_platforms=("cpu",)).as_text()
+    assert "CustomSPMDPartitioning" not in text and "tfx_cpu_flash" not in text
 
 
 EIGHT_DEVICES = textwrap.dedent("""
+    import re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import transformax as tfx
@@ -288,24 +326,53 @@ EIGHT_DEVICES = textwrap.dedent("""
             got = dropped_grad(*(jax.device_put(x, spec) for x in (q, k, v)))
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_dropped)):
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
-    # Automatic shardings: custom-call kernels give way to a plain-XLA one, which XLA splits.
+    # Automatic shardings: each custom-call kernel runs on the device's own query shard and
+    # (2, 1, 48, 16) key/value shard by its partitioning rule, forward and backward: cpu_flash's
+    # FFI calls, the Pallas kernel's loops (interpret mode).
     auto = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     args = [jax.device_put(x, NamedSharding(auto, s)) for x, s in
             ((q, spec), (k, spec), (v, spec), (mask, P("data")))]
-    pallas_first = [tfx.Backend.PALLAS_TRITON, tfx.Backend.XLA_FLASH]
-    for kernels in (list(tfx.Backend), pallas_first):
-        with tfx.sdpa_kernel(kernels, set_priority=kernels == pallas_first):
-            check(jax.jit(grad).lower(*args).compile(), *args)
-    # explain names the kernel that runs: cpu_flash per shard of an explicit mesh splitting the
-    # query, xla_flash in its place where XLA's partitioner splits the op.
+
+    def kernel_shapes(text, marker):  # array shapes in the HLO of marker's calls and loops
+        lines = [line.split(" metadata=")[0] for line in text.splitlines() if marker in line]
+        assert lines, marker
+        return {shape for line in lines for shape in re.findall(r"f32.[0-9,]+.", line)}
+
+    local = {"f32[2,2,40,16]", "f32[2,1,48,16]"}
+    for kernels, marker in ((list(tfx.Backend), 'custom_call_target="tfx_cpu_flash_'),
+                            ([tfx.Backend.PALLAS_TRITON], " while(")):
+        with tfx.sdpa_kernel(kernels):
+            compiled = jax.jit(grad).lower(*args).compile()
+        check(compiled, *args)
+        shapes = kernel_shapes(compiled.as_text(), marker)
+        assert local <= shapes and not shapes & {"f32[4,8,40,16]", "f32[4,4,48,16]"}, shapes
+    # The Pallas kernels' loops run in the per-shard computation of the partitioning rule.
+    assert all(re.search(f"tmp_xla_computation/[^ ]*transformax_flash_{name}/", compiled.as_text())
+               for name in ("fwd", "dq", "dkdv"))
+    # Dropout: the one-device result, also where XLA's partitioner splits the op.
+    compiled = dropped_grad.lower(*args[:3]).compile()
+    assert local <= kernel_shapes(compiled.as_text(), "tfx_cpu_flash_")
+    for a, b in zip(jax.tree.leaves(compiled(*args[:3])), jax.tree.leaves(want_dropped)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+    # explain names the kernel that runs and the query shard it runs on: per shard of an
+    # explicit mesh splitting the query; by the partitioning rule where XLA splits the op (a split
+    # sequence gathered first). jax.export (no rule can be serialized): a plain-XLA kernel.
+    attend = jax.jit(lambda x: tfx.sdpa(x, x, x, is_causal=True))
+    want = attend(q)
     with jax.set_mesh(explicit):
-        cases = [(jax.device_put(q, spec), tfx.Backend.CPU_FLASH),
-                 (jax.device_put(q, P()), tfx.Backend.XLA_FLASH), (args[0], tfx.Backend.XLA_FLASH)]
-        for x, kernel in cases:
-            attend = lambda x: tfx.sdpa(x, x, x, is_causal=True)
-            text = jax.jit(attend).lower(x).compile().as_text()
-            assert ("tfx_cpu_flash" in text) == (kernel == tfx.Backend.CPU_FLASH), kernel
-            assert tfx.explain(x, x, x, is_causal=True).chosen("cpu") == kernel
+        cases = [jax.device_put(q, spec), jax.device_put(q, P())]
+    cases += [args[0], jax.device_put(q, NamedSharding(auto, P(None, None, "data")))]
+    for x, shard in zip(cases, ("[2,2,40,16]", "[4,8,40,16]", "[2,2,40,16]", "[4,8,40,16]")):
+        with jax.set_mesh(x.sharding.mesh):
+            compiled = attend.lower(x).compile()
+            report = tfx.explain(x, x, x, is_causal=True)
+        assert f"f32{shard}" in kernel_shapes(compiled.as_text(), "tfx_cpu_flash_fwd")
+        assert report.chosen("cpu") == tfx.Backend.CPU_FLASH
+        note = next(v.config for v in report.rows if v.chosen and v.platform == "cpu")
+        assert x is cases[0] or f"its ({shard[1:-1].replace(',', ', ')}) query shard" in note
+        np.testing.assert_allclose(compiled(x), want, atol=1e-5, rtol=1e-5)
+    assert "gathered" in note and "tfx_cpu_flash" not in jax.export.export(attend)(
+        args[0]).mlir_module()
     print("ok")
 """)
 

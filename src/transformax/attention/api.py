@@ -311,7 +311,8 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     (FLOPs, temporaries). ``print()`` it for a table. Arrays may be ``jax.ShapeDtypeStruct``s:
     nothing is computed or allocated. Where the query's sharding leaves the op to XLA's
     partitioner (several devices, no explicit mesh axis splitting it), the report shows the
-    plain-XLA kernel that runs in place of a custom-call one."""
+    query shard each device runs the kernel on and what is gathered first, or, with no mesh of
+    this process's devices, the plain-XLA kernel that runs in place of a custom-call one."""
     del return_lse
     if dropout_p > 0.0 and dropout_rng is None:
         dropout_rng = jax.random.key(0)  # only the problem's shape matters here

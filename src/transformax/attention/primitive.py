@@ -3,7 +3,8 @@ selector chose when the call was traced, with a batching rule and a VJP.
 
 ``plan`` (a primitive parameter) maps each platform to a kernel name, so one traced function
 lowers to Pallas on cuda/tpu and to XLA on cpu, also in a multi-platform export, and to the
-kernel to run where XLA's partitioner splits the op (see ``partition``).
+kernel to run where XLA's partitioner splits the op with no partitioning rule (see
+``partition``: custom-call kernels get one under a ``jit`` over a mesh's devices).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 # vma typing and the lowering's device context: jax.extend has no public API for them.
-from jax._src import config, core, sharding_impls
+from jax._src import config, core, dispatch, sharding_impls
 from jax._src import mesh as mesh_lib
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
@@ -24,10 +25,20 @@ from transformax.attention import partition, select, tile_math
 from transformax.attention.backends import math as math_kernel
 from transformax.attention.problem import Extras, Problem
 
-forward_p = Primitive("transformax_sdpa")
-forward_p.multiple_results = True
-backward_p = Primitive("transformax_sdpa_bwd")
-backward_p.multiple_results = True
+
+def _primitive(name: str) -> Primitive:
+    prim = Primitive(name)
+    prim.multiple_results = True
+    return prim
+
+
+forward_p, backward_p = _primitive("transformax_sdpa"), _primitive("transformax_sdpa_bwd")
+# The same ops where a jit may leave them to XLA's partitioner over a mesh: jax lowers them with
+# the device list, which a custom-call kernel's partitioning rule needs (partition.automatic).
+split_forward_p = _primitive("transformax_sdpa_split")
+split_backward_p = _primitive("transformax_sdpa_split_bwd")
+dispatch.prim_requires_devices_during_lowering.update((split_forward_p, split_backward_p))
+_PRIMITIVES = {False: (forward_p, backward_p), True: (split_forward_p, split_backward_p)}
 
 Plan = tuple[tuple[str, "str | None", "str | None"], ...]  # platform, kernel, when split
 
@@ -51,7 +62,8 @@ def _run_backward(problem, name, *args):
     return (dq, dk, dv, *dconsts)
 
 
-_RUNNERS = {forward_p: _run_forward, backward_p: _run_backward}
+_RUNNERS = {forward_p: _run_forward, backward_p: _run_backward,
+            split_forward_p: _run_forward, split_backward_p: _run_backward}
 
 
 def current_platform() -> str:
@@ -114,6 +126,17 @@ def _split_by_partitioner(ctx) -> bool:
     return False
 
 
+def _partitioned_by_rule(ctx) -> bool:
+    """True where a custom-call kernel gets a partitioning rule (``partition.automatic``):
+    a ``jit`` over a mesh's devices leaves the op to XLA's partitioner, outside ``jax.export``
+    (which cannot serialize the rule)."""
+    axis_context = ctx.module_context.axis_context
+    return (_split_by_partitioner(ctx) and not ctx.module_context.lowering_parameters.for_export
+            and isinstance(axis_context, sharding_impls.ShardingContext)
+            and axis_context.device_assignment is not None
+            and axis_context.abstract_mesh is not None)
+
+
 def _local(module_context):
     """``module_context`` for lowering a kernel on one device. A one-device ``jit`` lowers
     without its device list, which a ``custom_partitioning`` op inside the kernel (jax's cuDNN
@@ -132,10 +155,14 @@ def _plain(aval):
 
 def _lowering(prim, platform):
     def rule(ctx, *args, problem, plan):
-        name = _kernel_name(problem, plan, platform, _split_by_partitioner(ctx))
+        by_rule = _partitioned_by_rule(ctx)
+        name = _kernel_name(problem, plan, platform, _split_by_partitioner(ctx) and not by_rule)
         if ctx.module_context.lowering_parameters.for_export:  # jax.export: stable targets only
             name = select.exportable(problem, platform, name)
         run = functools.partial(_RUNNERS[prim], problem, name)
+        if by_rule and select.Backend(name) not in partition.PARTITIONABLE:
+            run = partition.automatic(problem, lambda p, *a: _RUNNERS[prim](p, name, *a),
+                                      prim is split_backward_p, ctx.avals_in)
         # The kernel is a local computation: trace it on plain (unsharded, invariant) types.
         ctx = ctx.replace(avals_in=[_plain(a) for a in ctx.avals_in],
                           avals_out=[_plain(a) for a in ctx.avals_out],
@@ -145,7 +172,9 @@ def _lowering(prim, platform):
     return rule
 
 
-for _prim, _abstract in ((forward_p, _forward_abstract), (backward_p, _backward_abstract)):
+for _prim, _abstract in ((forward_p, _forward_abstract), (backward_p, _backward_abstract),
+                         (split_forward_p, _forward_abstract),
+                         (split_backward_p, _backward_abstract)):
     _prim.def_impl(_impl(_prim))
     _prim.def_abstract_eval(_abstract)
     for _platform in select.PLATFORMS:
@@ -210,24 +239,41 @@ def _batching(prim):
     return rule
 
 
-batching.primitive_batchers[forward_p] = _batching(forward_p)
-batching.primitive_batchers[backward_p] = _batching(backward_p)
+for _prim in _RUNNERS:
+    batching.primitive_batchers[_prim] = _batching(_prim)
 
 
 def attention(problem: Problem, plan, q, k, v, extras: Extras):
     """Canonical attention: ``(out, lse)`` computed by the planned kernel of each platform.
 
     On a mesh with explicit axes it runs on each device's batch/head shard
-    (``partition.explicit``). Inside ``shard_map`` the operands are first made to vary over the
-    same manual axes (autodiff sums their cotangents back)."""
+    (``partition.explicit``); where a ``jit`` leaves the op to XLA's partitioner, per shard by
+    the kernel's partitioning rule (``partition.automatic``). Inside ``shard_map`` the operands
+    are first made to vary over the same manual axes (autodiff sums their cotangents back)."""
     local = functools.partial(_local_attention, partition.split_plan(problem, plan))
     sharded = partition.explicit(problem, local, q, k, v, extras)
-    return local(problem, q, k, v, extras) if sharded is None else sharded
+    if sharded is not None:
+        return sharded
+    return local(problem, q, k, v, extras, split=_left_to_partitioner(q, k, v))
 
 
-def _local_attention(plan: Plan, problem: Problem, q, k, v, extras: Extras):
+def _left_to_partitioner(*operands) -> bool:
+    """Whether a ``jit`` may leave the op to XLA's partitioner over devices: an operand, or the
+    context (``jax.set_mesh``), on a mesh of this process's devices with several of them over
+    axes not manual; not in a lowering for an abstract mesh alone. Then the op is bound as
+    ``split_forward_p``: lowered with the device list, which a partitioning rule needs."""
+    context = mesh_lib.get_concrete_mesh()
+    if context.empty and not mesh_lib.get_abstract_mesh().empty:
+        return False
+    meshes = [jax.typeof(x).sharding.mesh for x in operands] + [context.abstract_mesh]
+    return any(partition.of_devices(mesh) and math.prod(
+        n for n, t in zip(mesh.axis_sizes, mesh.axis_types)
+        if t != jax.sharding.AxisType.Manual) > 1 for mesh in meshes)
+
+
+def _local_attention(plan: Plan, problem: Problem, q, k, v, extras: Extras, split=False):
     q, k, v, *flat = _same_varying_axes(q, k, v, *extras.flat())
-    return _attention(problem, plan, q, k, v, Extras.unflat(problem, flat)[0])
+    return _attention(problem, plan, split, q, k, v, Extras.unflat(problem, flat)[0])
 
 
 def _varying(x) -> frozenset:
@@ -244,21 +290,21 @@ def _same_varying_axes(*args):
                  else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(problem: Problem, plan: Plan, q, k, v, extras: Extras):
-    return tuple(forward_p.bind(q, k, v, *extras.flat(), problem=problem, plan=plan))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(problem: Problem, plan: Plan, split: bool, q, k, v, extras: Extras):
+    return tuple(_PRIMITIVES[split][0].bind(q, k, v, *extras.flat(), problem=problem, plan=plan))
 
 
-def _attention_fwd(problem, plan, q, k, v, extras):
-    out, lse = _attention(problem, plan, q, k, v, extras)
+def _attention_fwd(problem, plan, split, q, k, v, extras):
+    out, lse = _attention(problem, plan, split, q, k, v, extras)
     return (out, lse), (q, k, v, extras, out, lse)
 
 
-def _attention_bwd(problem, plan, residuals, cotangents):
+def _attention_bwd(problem, plan, split, residuals, cotangents):
     q, k, v, extras, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv, *dconsts = backward_p.bind(q, k, v, *extras.flat(), out, lse, dout, dlse,
-                                           problem=problem, plan=plan)
+    dq, dk, dv, *dconsts = _PRIMITIVES[split][1].bind(
+        q, k, v, *extras.flat(), out, lse, dout, dlse, problem=problem, plan=plan)
     dmask = None
     if extras.mask is not None and not problem.mask_is_bool:
         dmask = math_kernel.mask_gradient(problem, q, k, v, extras, dout, dlse)
