@@ -228,6 +228,44 @@ def test_exact_block_mask_never_evaluates_its_mask_mod_again():
     assert len(fns) == 2 and fns.count(None) == 1
 
 
+def _problems(jaxpr) -> list:
+    """The problem of every attention op in ``jaxpr`` and the jaxprs inside it."""
+    found = [eqn.params["problem"] for eqn in jaxpr.eqns
+             if eqn.primitive.name == "transformax_sdpa"]
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _problems(sub)
+    return found
+
+
+def test_generic_mask_without_create_block_mask_is_analysed_once():
+    """A mask that is neither intervals nor ids (here ``|`` of two) gets create_block_mask's
+    analysis in the call, once for the forward and backward of every kernel: where every row's
+    keys are contiguous the call runs on intervals alone (decided when traced for a mask of the
+    indices alone, by a cond for one of traced arrays), else the mask_mod with its block
+    table. Values and gradients equal the dense mask's."""
+    static = tfx.chunked(L, L, 8) | tfx.sliding_window(L, L, 3)
+    data = lambda ids: tfx.document_mask(ids) | tfx.sliding_window(L, L, 5)
+    args = [jnp.asarray(x[:, :, :L]) for x in (Q, K, V)]
+    flex = lambda q, k, v, mask: tfx.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    ops = _problems(jax.make_jaxpr(lambda *a: flex(*a, static))(*args).jaxpr)
+    assert [p.mask_fn for p in ops] == [None] and ops[0].bounds
+    ops = _problems(jax.make_jaxpr(lambda *a: flex(*a[:3], data(a[3])))(*args, DOCS).jaxpr)
+    assert sorted(p.table_blocks is not None for p in ops) == [False, True]
+
+    def loss(q, k, v, ids, dense):
+        mask = data(ids) if dense is None else dense
+        return jnp.sum(tfx.sdpa(q, k, v, attn_mask=mask, enable_gqa=True) * DOUT[:, :, :L])
+
+    strided = jnp.asarray(DOCS).at[1].set(jnp.arange(L) % 3)  # rows see several spans
+    for ids in (jnp.asarray(DOCS), strided):
+        dense = data(ids).to_dense()
+        got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*args, ids, None)
+        want = jax.value_and_grad(loss, (0, 1, 2))(*args, ids, dense)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_eager_calls_with_new_functions_reuse_compiled_kernels():
     """A score_mod / mask_mod written anew for every call (a new function object computing the
     same thing) compiles nothing again; one computing something else is not mistaken for it."""

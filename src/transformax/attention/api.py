@@ -108,7 +108,7 @@ class _Call:
                 raise ValueError(f"sdpa: attn_mask is a {type(mask).__name__} mask for "
                                  f"{what} {got} but query/key give {want} (shapes "
                                  f"(L, S) = {(self.q_len, self.kv_len)}, batch {batch})")
-        form = masks.structure(mask, batch, self.q_len, self.kv_len)
+        form = masks.structure(mask, batch, heads, self.q_len, self.kv_len)
         self.hull_exact = form.hull_exact
         fields["causal_offset"] = form.causal_offset
         if form.bounds is not None:

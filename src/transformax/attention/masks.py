@@ -336,9 +336,22 @@ def create_block_mask(mask_mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
                              f"{value!r}")
     mask = MaskMod(mask_mod, int(Q_LEN), int(KV_LEN))
     fn, consts = hoist(mask_mod, "mask_mod", *[jnp.int32] * 4)
-    table, lo, hi, exact = _analyse(fn, B or 1, H or 1, mask.q_len, mask.kv_len, int(block_q),
-                                    int(block_k), consts)
+    table, lo, hi, exact = _analysed(fn, consts, B or 1, H or 1, mask.q_len, mask.kv_len,
+                                     int(block_q), int(block_k))
     return BlockMask(mask, table, (int(block_q), int(block_k)), lo, hi, exact)
+
+
+def _analysed(fn, consts, *sizes):
+    """``_analyse``; for a mask_mod capturing no arrays (a function of the indices alone)
+    computed when first traced, also under ``jit``, and kept per computation and shape: its
+    calls then know their tiles and whether the hull is exact without running anything."""
+    return _analyse(fn, *sizes, consts) if consts else _static_analysis(fn, *sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_analysis(fn, *sizes):
+    with jax.ensure_compile_time_eval():
+        return _analyse(fn, *sizes, ())
 
 
 @functools.partial(jax.jit, static_argnums=range(7))
@@ -372,8 +385,14 @@ class Structure:
     hull_exact: jax.Array | bool | None = None
 
 
-def structure(mask: Mask, batch: int, q_len: int, kv_len: int) -> Structure:
-    """The normal form of ``mask`` for a call of ``batch`` x ``(q_len, kv_len)``."""
+_AUTO_BLOCK = 128  # the tiles of a generic mask analysed without create_block_mask (torch's)
+
+
+def structure(mask: Mask, batch: int, heads: int, q_len: int, kv_len: int) -> Structure:
+    """The normal form of ``mask`` for a call of ``batch`` x ``heads`` x ``(q_len, kv_len)``.
+    A generic part given without ``create_block_mask`` gets its analysis here (once per call,
+    shared by the forward and backward passes; kept across calls where it captures no arrays),
+    so kernels skip its hidden tiles and an exact hull replaces it by key intervals."""
     parts = conjuncts(mask)
     if len(parts) == 1 and isinstance(mask, Band) and mask.is_causal:
         return Structure(causal_offset=int(mask.offset))
@@ -405,6 +424,12 @@ def structure(mask: Mask, batch: int, q_len: int, kv_len: int) -> Structure:
     hull_exact = None
     if exact and len(exact) == len(generic):
         hull_exact = functools.reduce(jnp.logical_and, exact)
+    elif rest is not None and table is None:
+        fn, consts = hoist(rest.mask_mod, "mask_mod", *[jnp.int32] * 4)
+        classes, lo, hi, hull_exact = _analysed(
+            fn, consts, batch if fn.depends[0] else 1, heads if fn.depends[1] else 1, q_len,
+            kv_len, _AUTO_BLOCK, _AUTO_BLOCK)
+        table, bounds = (classes, (_AUTO_BLOCK,) * 2), _intersect(bounds, (lo, hi), q_len, kv_len)
     return Structure(bounds=bounds, segments=segments, generic=rest, table=table,
                      hull_exact=hull_exact)
 
