@@ -354,6 +354,18 @@ EIGHT_DEVICES = textwrap.dedent("""
     assert local <= kernel_shapes(compiled.as_text(), "tfx_cpu_flash_")
     for a, b in zip(jax.tree.leaves(compiled(*args[:3])), jax.tree.leaves(want_dropped)):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+    # Eager, and vmap (dropout: each member's own stream) inside the jit: per shard too.
+    np.testing.assert_allclose(tfx.sdpa(*args[:3], enable_gqa=True),
+                               tfx.sdpa(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
+    stacked = [jnp.stack([x, -x]) for x in (q, k, v)]
+    vmapped = jax.jit(jax.vmap(lambda q, k, v: tfx.sdpa(
+        q, k, v, dropout_p=0.2, dropout_rng=jax.random.key(1), enable_gqa=True)))
+    want = vmapped(*stacked)
+    stacked = [jax.device_put(x, NamedSharding(auto, P(None, *spec))) for x in stacked]
+    compiled = vmapped.lower(*stacked).compile()
+    assert "all-gather" not in compiled.as_text() and local <= kernel_shapes(
+        compiled.as_text(), "tfx_cpu_flash_fwd")
+    np.testing.assert_allclose(compiled(*stacked), want, atol=1e-5, rtol=1e-5)
     # explain names the kernel that runs and the query shard it runs on: per shard of an
     # explicit mesh splitting the query; by the partitioning rule where XLA splits the op (a split
     # sequence gathered first). jax.export (no rule can be serialized): a plain-XLA kernel.
@@ -379,10 +391,11 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 def test_eight_devices_run_each_shard_locally():
     """8 emulated devices, batch over ``data`` and heads over ``tensor`` (GQA, a float mask):
-    the XLA kernel and both Pallas kernels (interpret mode) on an explicit mesh, and automatic
-    shardings with the default kernels or Pallas first, forward and gradients against ``math``,
-    with no gathering; dropout on the explicit mesh equal to one device's; ``explain`` naming
-    the kernel that runs."""
+    the XLA kernel and both Pallas kernels (interpret mode) on an explicit mesh, and under
+    automatic shardings cpu_flash's FFI calls and the Pallas kernels' loops on each device's
+    shapes, forward and gradients against ``math``, with no gathering; dropout on either mesh
+    equal to one device's; eager and vmapped calls; ``explain`` naming the kernel that runs and
+    the shard the HLO shows."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", **{pallas_common.INTERPRET_ENV: "1"})
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True,
