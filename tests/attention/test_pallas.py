@@ -154,12 +154,21 @@ def _documents_mod(b, h, q, kv):  # rows see several spans: evaluated per tile, 
     return (DOCS[b][jnp.minimum(q, 39)] == KV_DOCS[b, kv]) | (kv % 9 == 0)
 
 
+OFFSETS = jnp.array([0, 9])
+
+
+def _offset_mod(b, h, q, kv):  # reads OFFSETS[b]: a scalar load (TPU: from SMEM)
+    return (kv <= q + OFFSETS[b]) | (kv % 7 == 0)
+
+
 STRUCTURED = {
     "relative_bias_documents_mod": lambda: flex(
         tfx.create_block_mask(_documents_mod, 2, None, 40, 56, BLOCK_SIZE=8), _relative_bias),
     "documents_window_alibi": lambda: flex(
         tfx.document_mask(DOCS, KV_DOCS) & tfx.sliding_window(40, 56, 40, lower_right=True),
         _alibi),
+    "offset_mod_alibi": lambda: flex(
+        tfx.create_block_mask(_offset_mod, 2, None, 40, 56, BLOCK_SIZE=8), _alibi),
     "block_mask_band_softcap": lambda: flex(
         tfx.create_block_mask(lambda b, h, q, kv: (kv <= q + 16) & (q - kv < 12 + 20 * h), None,
                               2, 40, 56, BLOCK_SIZE=8)
@@ -171,7 +180,8 @@ STRUCTURED = {
     ("relative_bias_documents_mod", "triton"), ("documents_window_alibi", "tpu"),
     *(pytest.param(*c, marks=pytest.mark.slow) for c in [
         ("documents_window_alibi", "triton"), ("block_mask_band_softcap", "tpu"),
-        ("block_mask_band_softcap", "triton")])])
+        ("block_mask_band_softcap", "triton"), ("offset_mod_alibi", "tpu"),
+        ("offset_mod_alibi", "triton")])])
 def test_structured_interpret(case, kernel):
     """Triton reads the captured arrays at per-element positions (vector loads), the TPU kernel
     at (b, h) positions from SMEM."""
@@ -239,7 +249,8 @@ def test_captured_arrays_by_kernel(monkeypatch):
     """Triton runs hooks that index captured arrays anywhere; Mosaic where they read one element
     per (b, h) (SMEM), interpret mode everything."""
     monkeypatch.setenv(pallas_common.INTERPRET_ENV, "1")
-    gathers, alibi = (STRUCTURED[c]()[0] for c in STRUCTURED if c != "block_mask_band_softcap")
+    gathers, alibi = (STRUCTURED[c]()[0] for c in ("relative_bias_documents_mod",
+                                                   "offset_mod_alibi"))
     assert pallas_triton.reasons_unsupported(gathers, "cuda") == []
     assert pallas_tpu.reasons_unsupported(alibi, "tpu") == []
     assert pallas_tpu.reasons_unsupported(gathers, "cpu") == []
@@ -357,7 +368,7 @@ def test_triton_gpu_structured(config, case):
 
 @pytest.mark.tpu
 @pytest.mark.skipif(not _on("tpu"), reason="needs a TPU")
-@pytest.mark.parametrize("case", ["block_mask_band_softcap", "documents_window_alibi"])
+@pytest.mark.parametrize("case", ["block_mask_band_softcap", "offset_mod_alibi"])
 def test_tpu_structured_on_tpu(case):
     p, inputs = STRUCTURED[case]()
     with _reference_precision():

@@ -153,7 +153,9 @@ def score_consts_gradients(problem: Problem, q, k, v, extras: Extras, out, lse, 
                            dlse) -> tuple:
     """The gradients of the score_mod's floating captured arrays, from a separate blockwise
     plain-JAX pass (``xla_flash.backward``; XLA drops its unused dq/dk/dv products): indexing
-    the arrays transposes to scatters, which no Pallas lowering supports."""
+    the arrays transposes to scatter-adds, which Mosaic cannot lower and Triton only as one
+    atomic add per element (a relative-bias table: every tile's elements contending for a few
+    entries)."""
     if not tile_math.differentiable_consts(problem, extras):
         return ()
     return xla_flash.backward(problem, q, k, v, extras, out, lse, dout, dlse)[3]
