@@ -28,6 +28,9 @@ _CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_
           "remat", "checkpoint"}
 
 
+_SHAPING = {"broadcast_in_dim", "reshape", "squeeze", "copy"}
+
+
 class Unsupported(NotImplementedError):
     """The hook does something a tile evaluation cannot express with loads."""
 
@@ -187,6 +190,8 @@ def _bind(eqn, ins) -> list:
     avals = [v.aval for v in eqn.invars]
     if all(jnp.shape(x) == a.shape for x, a in zip(ins, avals)):
         outs = eqn.primitive.bind(*ins, **eqn.params)
+    elif eqn.primitive.name in _SHAPING and avals[0].shape == eqn.outvars[0].aval.shape == ():
+        outs = ins[0]  # a scalar to a scalar: nothing to do per element
     elif (all(a.shape == () for a in avals) and all(v.aval.shape == () for v in eqn.outvars)
           and not any(_is_jaxpr(v) for v in jax.tree.leaves(eqn.params))):
         outs = eqn.primitive.bind(*jnp.broadcast_arrays(*ins), **eqn.params)
