@@ -24,10 +24,10 @@ from jax.extend import core
 
 from transformax.attention.problem import Hoisted
 
+# Calls whose body runs inline (a custom_jvp/vjp's rule is not needed: only the raw scores are
+# differentiated through a hook here), and scalar-to-scalar shape changes (no-ops per element).
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "remat", "checkpoint"}
-
-
 _SHAPING = {"broadcast_in_dim", "reshape", "squeeze", "copy"}
 
 

@@ -303,6 +303,7 @@ def _specs(p: Problem, bq: int, bk: int, where):
         spec((sq, bq, 1), lambda b, h, i, j: (b if p.segments > 1 else 0, i, 0)),
         spec((sq, 1, bk), lambda b, h, i, j: (b if p.segments > 1 else 0, 0, j))) \
         if p.segments else (None, None)
+
     def captured(fn):  # SMEM for the arrays read one element at a time, at (b, h) positions
         return tuple(pl.BlockSpec(memory_space=pltpu.SMEM if scalar else pltpu.VMEM)
                      for scalar in (tile_hooks.scalar_only(fn) if fn else ()))
