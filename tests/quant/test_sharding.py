@@ -1,6 +1,8 @@
 """Quantized params under a sharded ``jit`` on 8 emulated cpu devices (a subprocess): a
 tensor-parallel MLP (``fc`` split by output columns, ``proj`` by input rows, the batch over
-``data``) gives the unsharded output, and the int8 weights stay sharded (never gathered)."""
+``data``) gives the unsharded output, and the int8 weights stay sharded (never gathered): with
+the XLA kernels, and with the native ``cpu_int8`` one, whose FFI calls take each device's rows
+and columns (its partitioning rule; the row-split ``proj`` sums partial products)."""
 
 import json
 import os
@@ -26,7 +28,10 @@ SCRIPT = textwrap.dedent("""
 
     run = jax.jit(nn.gelu_mlp)
     result = {"devices": len(jax.devices())}
-    for recipe, kernel in (("int8-dynamic", "xla_int8"), ("int8-weight", "xla_int8x2")):
+    int4 = quant.Recipe(bits=4, weight_granularity="group", group_size=16)
+    for recipe, kernel in (("int8-dynamic", "xla_int8"), ("int8-weight", "xla_int8x2"),
+                           ("int8-dynamic", "cpu_int8"), ("int8-weight", "cpu_int8"),
+                           (int4, "cpu_int4")):
         qparams = quant.quantize(params, recipe)
         with quant.kernel([kernel]):
             one = np.asarray(run(qparams, x))
@@ -35,12 +40,13 @@ SCRIPT = textwrap.dedent("""
             xs = jax.device_put(x, NamedSharding(mesh, P("data")))
             out = run(sharded_params, xs)
             hlo = run.lower(sharded_params, xs).compile().as_text()
-        result[f"{recipe} {kernel}"] = {
+        result[f"{'int4' if recipe is int4 else recipe} {kernel}"] = {
             "max_abs_diff": float(np.abs(np.asarray(out) - one).max()),
             "scale": float(np.abs(one).max()),
             "out_spec": [str(s) for s in out.sharding.spec],
             "fc_shard": list(sharded_params["fc"]["w"].values.addressable_shards[0].data.shape),
             "gathered_s8": bool(re.search(r"= s8\\[[\\d,]*\\]\\S* all-gather", hlo)),
+            "native": re.findall(r"= (\\w+\\[[\\d,]+\\]).* custom-call\\(.*tfx_cpu_int", hlo),
         }
     print(json.dumps(result))
 """)
@@ -54,12 +60,17 @@ def test_sharded_jit_matches_unsharded():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result.pop("devices") == 8
-    assert len(result) == 2
+    assert len(result) == 5
     for name, r in result.items():
         # Integer products are exact and the float epilogue rounds alike, except that the two
         # programs may round an activation's low digit differently in xla_int8x2 (each within
         # its 2^-16 of the token's largest value; see test_kernels.error_bound).
         tol = 1e-4 if name.endswith("xla_int8x2") else 1e-6
         assert r["max_abs_diff"] <= tol * r["scale"], (name, r)
-        assert r["out_spec"][0] == "data" and r["fc_shard"] == [64, 64], (name, r)
-        assert not r["gathered_s8"], name
+        packed = 2 if name == "int4 cpu_int4" else 1  # two int4 input rows a byte
+        assert r["out_spec"][0] == "data" and r["fc_shard"] == [64 // packed, 64], (name, r)
+        # fc: 64 of 128 rows by 64 of 256 columns; proj: 64 rows by all 64 columns (cpu_int8:
+        # of 64 inputs, partial products summed; cpu_int4 keeps packed inputs whole, gathered).
+        native = ["s32[64,64]"] * 2 if "dynamic" in name else ["f32[64,64]"] * 2
+        assert r["native"] == (native if "cpu_" in name else []), (name, r)
+        assert not r["gathered_s8"] or name == "int4 cpu_int4", name

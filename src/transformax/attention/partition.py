@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import (ArrayMapping, SdyShardingRule,
-                                                  custom_partitioning)
+from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from transformax import partitioning
+from transformax.partitioning import axes as _axes, size as _size
 from transformax.attention import select, tile_math
 from transformax.attention.problem import Extras, Problem, hoist
 
@@ -42,14 +42,6 @@ _DIMS = ("batch", "head", "sequence", "head_dim")
 def _spec(x) -> tuple:
     spec = tuple(jax.typeof(x).sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _size(mesh, entry) -> int:
-    return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
 class _Split(NamedTuple):
@@ -226,9 +218,7 @@ def automatic(problem: Problem, run, backward: bool, avals):
     ``(dq, dk, dv, *dconsts)``) with a partitioning rule: under a ``jit`` that leaves the op to
     XLA's partitioner it runs on each device's batch/head shard (``_automatic_split``), the
     backward's captured-array gradients summed over the shards. ``avals``: the operands'."""
-    @custom_partitioning
-    def op(*args):  # the whole problem (its constants kept inside a jit, as the op wants)
-        return tuple(jax.jit(lambda *args: run(problem, *args))(*args))
+    op = partitioning.whole_problem(lambda *args: tuple(run(problem, *args)))
 
     def partition(mesh, arg_shapes, result_shapes):
         split = _automatic_split(problem, mesh, arg_shapes[0].sharding)
@@ -289,14 +279,6 @@ def _rule(problem: Problem, avals, backward: bool):
                            need_replication_factors=tuple(f for f in used if f in "lsef"))
 
 
-def of_devices(mesh) -> bool:
-    """Whether ``mesh`` (concrete, or the abstract one of a traced array) is made of this
-    process's devices: jax lowers a partitioning rule only with devices, not for an
-    ``AbstractMesh`` made by hand (e.g. to export for other hardware)."""
-    device = mesh.abstract_mesh.abstract_device
-    return device is not None and device.platform == jax.devices()[0].platform
-
-
 def split_plan(problem: Problem, plan) -> tuple[tuple[str, str | None, str | None], ...]:
     """``plan`` with, per platform, a third entry: the kernel to run where XLA's partitioner
     splits the op with no partitioning rule (see the module docstring), i.e. the planned one
@@ -340,7 +322,7 @@ def explained(explanation: select.Explanation, query) -> select.Explanation:
         return explanation
     problem, rows = explanation.problem, list(explanation.rows)
     mesh = getattr(query.sharding, "mesh", None)
-    mesh = mesh if mesh is not None and of_devices(mesh) else None
+    mesh = mesh if mesh is not None and partitioning.of_devices(mesh) else None
     for platform, name, split in split_plan(problem, select.plan(problem)):
         if name == split:
             continue

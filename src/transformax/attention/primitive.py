@@ -21,6 +21,7 @@ from jax._src import mesh as mesh_lib
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from transformax import partitioning
 from transformax.attention import partition, select, tile_math
 from transformax.attention.backends import math as math_kernel
 from transformax.attention.problem import Extras, Problem
@@ -254,21 +255,7 @@ def attention(problem: Problem, plan, q, k, v, extras: Extras):
     sharded = partition.explicit(problem, local, q, k, v, extras)
     if sharded is not None:
         return sharded
-    return local(problem, q, k, v, extras, split=_left_to_partitioner(q, k, v))
-
-
-def _left_to_partitioner(*operands) -> bool:
-    """Whether a ``jit`` may leave the op to XLA's partitioner over devices: an operand, or the
-    context (``jax.set_mesh``), on a mesh of this process's devices with several of them over
-    axes not manual; not in a lowering for an abstract mesh alone. Then the op is bound as
-    ``split_forward_p``: lowered with the device list, which a partitioning rule needs."""
-    context = mesh_lib.get_concrete_mesh()
-    if context.empty and not mesh_lib.get_abstract_mesh().empty:
-        return False
-    meshes = [jax.typeof(x).sharding.mesh for x in operands] + [context.abstract_mesh]
-    return any(partition.of_devices(mesh) and math.prod(
-        n for n, t in zip(mesh.axis_sizes, mesh.axis_types)
-        if t != jax.sharding.AxisType.Manual) > 1 for mesh in meshes)
+    return local(problem, q, k, v, extras, split=partitioning.left_to_partitioner(q, k, v))
 
 
 def _local_attention(plan: Plan, problem: Problem, q, k, v, extras: Extras, split=False):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformax import host, native
+from transformax import host, native, partitioning
 from transformax.quant.kernels import _int8_dot
 from transformax.quant.problem import Problem
 from transformax.quant.qweight import QuantizedWeight
@@ -69,16 +69,28 @@ def isa(integer: bool) -> str:
         else h.isa
 
 
+# Each target's operands as factors (rows m, inputs k, outputs n; packed inputs p and scale
+# groups g kept whole) for partitioning.factorwise: a split k sums the partial products.
+_FACTORS = {"tfx_cpu_int8_f32": (("mk", "kn", "n"), "mn", "k"),
+            "tfx_cpu_int8_s8": (("mk", "kn"), "mn", "k"),
+            "tfx_cpu_int4": (("mk", "pn", "gn"), "mn", "", "kpg")}
+
+
 def _native(target: str, dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) -> jax.Array:
     """The FFI call ``target`` on ``x (M, K)``, ``w (K, N)`` (and the scale), ``(M, N)`` of
     ``dtype``; vmapped, the batch joins the rows."""
 
-    @jax.custom_batching.custom_vmap
-    def call(x, w, *rest):
+    def ffi(x, w, *rest):
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), dtype)
         return jax.ffi.ffi_call(target, out)(
             x, w, *rest, isa=np.int64(_ISA_CODES[isa(target.endswith("s8"))]),
             threads=np.int64(host.current().cores))
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w, *rest):
+        if partitioning.left_to_partitioner(x, w, *rest):  # on each device's shard
+            return partitioning.factorwise(ffi, *_FACTORS[target])(x, w, *rest)
+        return ffi(x, w, *rest)
 
     @call.def_vmap
     def rule(axis_size, in_batched, x, w, *rest):
