@@ -257,6 +257,10 @@ def test_generic_mask_without_create_block_mask_is_analysed_once():
         mask = data(ids) if dense is None else dense
         return jnp.sum(tfx.sdpa(q, k, v, attn_mask=mask, enable_gqa=True) * DOUT[:, :, :L])
 
+    no_keys = jnp.zeros((1, 2, 0, 4))  # nothing to analyse: zeros, as without a mask
+    out = tfx.sdpa(jnp.ones((1, 2, 8, 4)), no_keys, no_keys,
+                   attn_mask=tfx.chunked(8, 0, 4) | tfx.sliding_window(8, 0, 2))
+    assert out.shape == (1, 2, 8, 4) and not out.any()
     strided = jnp.asarray(DOCS).at[1].set(jnp.arange(L) % 3)  # rows see several spans
     for ids in (jnp.asarray(DOCS), strided):
         dense = data(ids).to_dense()

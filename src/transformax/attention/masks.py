@@ -424,7 +424,7 @@ def structure(mask: Mask, batch: int, heads: int, q_len: int, kv_len: int) -> St
     hull_exact = None
     if exact and len(exact) == len(generic):
         hull_exact = functools.reduce(jnp.logical_and, exact)
-    elif rest is not None and table is None:
+    elif rest is not None and table is None and q_len and kv_len:
         fn, consts = hoist(rest.mask_mod, "mask_mod", *[jnp.int32] * 4)
         classes, lo, hi, hull_exact = _analysed(
             fn, consts, batch if fn.depends[0] else 1, heads if fn.depends[1] else 1, q_len,
