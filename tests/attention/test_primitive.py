@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import transformax as tfx
-from transformax.attention import api, select
+from transformax.attention import api, partition, primitive, select
+from transformax.attention.problem import Problem
 from transformax.attention.backends import pallas_common
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -269,6 +270,45 @@ def test_lowering_for_an_abstract_mesh_alone():
     text = jax.jit(lambda q: tfx.sdpa(q, q, q)).trace(q).lower(
         lowering_platforms=("cpu",)).as_text()
     assert "CustomSPMDPartitioning" not in text and "tfx_cpu_flash" not in text
+
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                   platform="cuda")
+
+
+@pytest.mark.parametrize("platform, kernel, call", [
+    ("cuda", "pallas_triton", "__gpu$xla.gpu.triton"), ("tpu", "pallas_tpu", "tpu_custom_call")])
+def test_partitioning_rule_runs_the_kernel_per_shard_lowered_for_gpu_and_tpu(platform, kernel,
+                                                                             call):
+    """What XLA's partitioner compiles on each device under automatic shardings, lowered for
+    cuda/tpu without one (jax lowers the rule inside a jit only with devices, so its per-shard
+    computation is lowered here in a shard_map, untyped as there): with the query's batch over
+    ``data`` and heads over ``tensor``, the forward and backward kernels take one device's
+    (1, 1, 256, 64) shard of the (2, 4, 256, 64) operands, and nothing gathers them."""
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "tensor"), (AxisType.Auto,) * 2,
+                                     abstract_device=H100 if platform == "cuda" else None)
+    problem = Problem(batch=2, q_heads=4, kv_heads=4, q_len=256, kv_len=256, head_dim=64,
+                      v_head_dim=64, dtype=np.dtype(jnp.bfloat16), scale=0.125, causal_offset=0)
+    split = NamedSharding(mesh, P("data", "tensor"))
+    x = jax.ShapeDtypeStruct((2, 4, 256, 64), jnp.bfloat16, sharding=split)
+    lse = jax.ShapeDtypeStruct((2, 4, 256), jnp.float32, sharding=split)
+    modules = []
+    for backward, args, results in ((False, [x] * 3, (x, lse)),
+                                    (True, [x] * 3 + [x, lse, x, lse], (x,) * 3)):
+        run = primitive._RUNNERS[primitive._PRIMITIVES[True][backward]]
+        op = partition.automatic(problem, lambda p, *a: run(p, kernel, *a), backward, args)
+        _, lower, outs, ins = op.partition(mesh, args, results)
+        body = jax.shard_map(lower, mesh=mesh, in_specs=tuple(s.spec for s in ins),
+                             out_specs=tuple(s.spec for s in outs), check_vma=False)
+        with jax.sharding.use_abstract_mesh(mesh):
+            modules.append(jax.jit(body).trace(*args).lower(
+                lowering_platforms=(platform,)).as_text())
+    for module, n in zip(modules, (1, 2)):
+        calls = [line for line in module.splitlines() if f"custom_call @{call}" in line]
+        assert len(calls) == n, calls
+        local, whole = "tensor<1x1x256x64xbf16>", "tensor<2x4x256x64xbf16>"
+        assert all(local in line and whole not in line for line in calls), calls
+        assert "all_gather" not in module and "all_to_all" not in module
 
 
 EIGHT_DEVICES = textwrap.dedent("""
