@@ -145,7 +145,8 @@ def test_selection_explain_and_kernel_context():
     assert e.chosen("cpu") == e.chosen("tpu") == quant.Kernel.XLA_INT8
     text = str(e)
     if NATIVE:  # cpu_int8 runs int8 activations of one row (decoding) unless measured
-        assert "xla_int8       chosen (host default: 8 rows, cpu_int8 runs up to 1" in text
+        limit = cpu_int8.row_limit(Problem.of(jnp.asarray(X), qw))[0]
+        assert f"xla_int8       chosen (host default: 8 rows, cpu_int8 runs up to {limit}" in text
         assert quant.explain(X[:1], qw).chosen("cpu") == quant.Kernel.CPU_INT8
     assert "int8 matmul '<root>': (8, 64) @ (64, 48)" in text
     assert ("pallas_triton  cannot run: runs on cpu only in Pallas interpret mode "

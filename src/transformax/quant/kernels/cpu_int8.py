@@ -37,10 +37,14 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
 # (each row tile widens the weight again), so far beyond their crossovers they cannot win.
 MAX_ROWS = 128
 
-# Rows up to which a native kernel beat every XLA kernel, per host ISA and product (measured on
-# Sapphire Rapids, emulated AVX2 too: `scripts/bench_quant.py --bench rows`, Linear(1024 -> 4096)
-# and (768 -> 3072)): the unmeasured default; the tuning cache or autotuning decide per shape.
-ROW_LIMITS = {"avx512": {"weight-only": 8, "int8 activations": 1, "int4": 64},
+# Rows up to which a native kernel beat every XLA kernel, per host ISA and product: the
+# unmeasured default (the tuning cache or autotuning decide per shape). Measured on Sapphire
+# Rapids, 2 cores, emulated AVX2 too (`scripts/bench_quant.py --bench rows`, Linear(1024 -> 4096)
+# and (768 -> 3072), native / best XLA time): weight-only AVX-512 0.64-0.69 at 8 rows (768) and
+# 4 (1024), 1.06-1.12 at 12; AVX2 0.79-0.86 at 2-4, 1.05-1.19 at 4-8; int8 activations AVX-512
+# 0.92-0.94 at 2, 1.09-1.34 at 4; AVX2 0.84-0.96 at 1, 1.17-1.26 at 2; int4 AVX-512 0.81-0.86
+# at 64, 1.03-1.20 at 128; AVX2 0.76-0.82 at 16, 1.06-1.07 at 32.
+ROW_LIMITS = {"avx512": {"weight-only": 8, "int8 activations": 2, "int4": 64},
               "avx2": {"weight-only": 4, "int8 activations": 1, "int4": 16}}
 
 
