@@ -259,9 +259,9 @@ ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   auto xd = x.dimensions(), wd = w.dimensions();
   const long rows_per_byte = kind == I4 ? 2 : 1;
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] * rows_per_byte)
-    return ffi::Error::InvalidArgument(kind == I4 ? "tfx int4 matmul: x must be (M, K) and w "
-                                                    "(K / 2, N)"
-                                                  : "tfx int8 matmul: x must be (M, K) and w (K, N)");
+    return ffi::Error::InvalidArgument(
+        kind == I4 ? "tfx int4 matmul: x must be (M, K) and w (K / 2, N)"
+                   : "tfx int8 matmul: x must be (M, K) and w (K, N)");
   if (w.element_type() != ffi::S8 || x.element_type() != (kind == S8 ? ffi::S8 : ffi::F32))
     return ffi::Error::InvalidArgument("tfx int8 matmul: w must be int8 and x " +
                                        std::string(kind == S8 ? "int8" : "float32"));

@@ -3,7 +3,7 @@ kernel) against torch f32, torch ``quantize_dynamic`` (x86, fbgemm and onednn en
 torch's int8 weight-only linear (``_weight_int8pack_mm``) on the PERF.md MLP stack, same weights
 and inputs, one process, interleaved rounds, medians.
 
-    python scripts/bench_quant.py [--bench mlp linear decode] [--blocks 6] [--tokens 4096]
+    python scripts/bench_quant.py [--bench mlp linear decode rows] [--blocks 6] [--tokens 4096]
                                   [--rows 1 8 64 256] [--rounds 3] [--repeats 2]
                                   [--out bench_quant.json]
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
@@ -14,8 +14,8 @@ The stack: ``--blocks`` x [Linear(1024 -> 4096) -> GELU(tanh) -> Linear(4096 -> 
 ``--bench linear``: one Linear(1024 -> 4096) at ``--rows`` rows, f32 against int8 weight-only
 (each transformax kernel; torch's with f32 and bf16 activations). ``--bench decode``: GPT-2-small
 greedy decoding (batch 1) tokens/s, f32 against int8 and int4. ``--bench rows``: the native
-kernels against every other cpu kernel by rows (their crossovers). Prints tables and writes JSON with the
-host (CPU, ISA, caches, versions, flags).
+kernels against every other cpu kernel by rows (their crossovers). Prints tables and writes JSON
+with the host (CPU, ISA, caches, versions, flags).
 """
 
 from __future__ import annotations

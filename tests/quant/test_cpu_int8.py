@@ -183,3 +183,15 @@ def test_code_path_follows_the_emulated_isa(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     vnni = "avx512_vnni" in host.current().isa_flags and host.current().isa == "avx512"
     assert cpu_int8.isa(True) == ("avx512_vnni" if vnni else host.current().isa)
+
+
+@needs_native
+@pytest.mark.parametrize("w_rows, groups, message", [
+    (K, 2, r"tfx int4 matmul: x must be \(M, K\) and w \(K / 2, N\)"),
+    (K // 2, 3, r"tfx int4 matmul: scale must be float32 \(groups, N\), groups dividing K"),
+])
+def test_int4_handler_checks_its_operands(w_rows, groups, message):
+    """The FFI handler's own checks (the Python side never passes such operands)."""
+    call = jax.jit(lambda x, w, s: cpu_int8._native("tfx_cpu_int4", jnp.float32, x, w, s))
+    with pytest.raises(Exception, match=message):
+        call(jnp.zeros((1, K)), jnp.zeros((w_rows, N), jnp.int8), jnp.ones((groups, N)))
