@@ -390,10 +390,13 @@ EIGHT_DEVICES = textwrap.dedent("""
     assert all(re.search(f"tmp_xla_computation/[^ ]*transformax_flash_{name}/", compiled.as_text())
                for name in ("fwd", "dq", "dkdv"))
     # Dropout: the one-device result, also where XLA's partitioner splits the op.
-    compiled = dropped_grad.lower(*args[:3]).compile()
-    assert local <= kernel_shapes(compiled.as_text(), "tfx_cpu_flash_")
-    for a, b in zip(jax.tree.leaves(compiled(*args[:3])), jax.tree.leaves(want_dropped)):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+    for kernels, marker in ((list(tfx.Backend), "tfx_cpu_flash_"),
+                            ([tfx.Backend.PALLAS_TRITON], " while(")):
+        with tfx.sdpa_kernel(kernels):
+            compiled = dropped_grad.lower(*args[:3]).compile()
+        assert local <= kernel_shapes(compiled.as_text(), marker)
+        for a, b in zip(jax.tree.leaves(compiled(*args[:3])), jax.tree.leaves(want_dropped)):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     # Eager, and vmap (dropout: each member's own stream) inside the jit: per shard too.
     np.testing.assert_allclose(tfx.sdpa(*args[:3], enable_gqa=True),
                                tfx.sdpa(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
