@@ -3,10 +3,12 @@
 // attribute chosen in Python, checked here against what the CPU supports).
 
 #include <Python.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -136,6 +138,17 @@ void summarise(const Attention& a, std::vector<QueryBlock>& queries, std::vector
     }
 }
 
+// n floats aligned to a cache line (so vector loads never straddle two lines).
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Floats = std::unique_ptr<float[], FreeDeleter>;
+
+Floats aligned_floats(long n) {
+  const size_t bytes = (size_t(std::max(n, 1L)) * sizeof(float) + 63) / 64 * 64;
+  return Floats(static_cast<float*>(std::aligned_alloc(64, bytes)));
+}
+
 // Runs item(i, scratch) for i in [0, n) on the calling thread and up to threads - 1 pool
 // threads, items claimed in order from a shared counter. Pool tasks that start after every item
 // is claimed touch only the shared counters, which they keep alive.
@@ -146,10 +159,10 @@ void parallel_for(ffi::ThreadPool& pool, long n, long threads, long scratch_floa
   };
   auto shared = std::make_shared<Shared>();
   auto work = [shared, n, scratch_floats, &item]() {
-    std::vector<float> scratch;
+    Floats scratch;
     for (long i; (i = shared->next.fetch_add(1)) < n;) {
-      if (scratch.empty()) scratch.resize(scratch_floats);
-      item(i, scratch.data());
+      if (!scratch) scratch = aligned_floats(scratch_floats);
+      item(i, scratch.get());
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -167,7 +180,10 @@ namespace avx2 {
 constexpr int VW = 8;
 constexpr int MR = 6;
 constexpr int NR = 2;
+constexpr long KC = 256;
+#define VMAX(a, b) vf(_mm256_max_ps(__m256(a), __m256(b)))
 #include "flash_kernel.h"
+#undef VMAX
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -177,7 +193,10 @@ namespace avx512 {
 constexpr int VW = 16;
 constexpr int MR = 6;
 constexpr int NR = 4;
+constexpr long KC = 128;
+#define VMAX(a, b) vf(_mm512_max_ps(__m512(a), __m512(b)))
 #include "flash_kernel.h"
+#undef VMAX
 }  // namespace avx512
 #pragma GCC pop_options
 

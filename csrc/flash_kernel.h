@@ -1,6 +1,8 @@
 // Flash attention on the CPU for one instruction set. This file is included once per ISA by
 // flash_attention.cc, inside a namespace that defines `VW` (floats per vector), `MR` (rows) and
-// `NR` (vectors of columns) of the GEMM micro-kernel under a matching `#pragma GCC target`; it includes nothing itself.
+// `NR` (vectors of columns) of the GEMM micro-kernel, `KC` (rows of a B panel per pass) and
+// `VMAX` (the ISA's max instruction) under a matching `#pragma GCC target`; it includes nothing
+// itself.
 //
 // Everything is f32. A forward work item is one (batch, query head, query block); a backward
 // item is one (batch, key/value head, key chunk: every chunks-th key block): it owns dK/dV of
@@ -15,7 +17,7 @@ typedef unsigned vu __attribute__((vector_size(VW * 4)));
 static inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 static inline void store(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
 static inline vf splat(float x) { return x - vf{}; }  // x - (+0) == x for every x
-static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vmax(vf a, vf b) { return VMAX(a, b); }  // b where either is NaN
 static inline long round_up(long n) { return (n + VW - 1) / VW * VW; }
 
 static inline float hmax(vf x) {
@@ -30,27 +32,36 @@ static inline float hsum(vf x) {
   return s;
 }
 
-// exp(x) for f32 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2/2, a degree-6 Taylor
-// polynomial (max relative error ~2e-7). Exactly 0 below -87.3 (so exp(-inf) = 0), NaN in, NaN out.
-static inline vf vexp(vf x) {
-  const vf lo = splat(-87.3f), hi = splat(88.3f);
-  vi underflow = x < lo;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for f32 lanes where x <= ~0 (scores less their row's maximum, in log2 units): 2^n * p(f)
+// with n = round(x), f = x - n in [-1/2, 1/2] and p a degree-5 fit of 2^f (relative error
+// < 2e-7). Exactly 0 at and below -126.5 (so 2^-inf = 0); NaN in, NaN out.
+static inline vf exp2_neg(vf x) {
   const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (x * splat(1.44269504089f) + magic) - magic;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.f / 720.f);
-  p = p * r + splat(1.f / 120.f);
-  p = p * r + splat(1.f / 24.f);
-  p = p * r + splat(1.f / 6.f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.f);
-  p = p * r + splat(1.f);
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf result = p * (vf)bits;
-  return underflow ? splat(0.f) : result;
+  x = vmax(splat(-127.f), x);
+  const vf shifted = x + magic;
+  const vf f = x - (shifted - magic);
+  vf p = splat(1.3264727e-3f);
+  p = p * f + splat(9.6715130e-3f);
+  p = p * f + splat(5.5507336e-2f);
+  p = p * f + splat(2.4022242e-1f);
+  p = p * f + splat(6.9314700e-1f);
+  p = p * f + splat(1.f);
+  // The low bits of `shifted` hold n; its exponent field n + 127 is 0 (the float 0) at n = -127.
+  const vi exponent = ((vi)shifted - (0x4B400000 - 127)) << 23;
+  return p * (vf)exponent;
+}
+
+// The largest of n floats (n a multiple of VW), in four independent chains.
+static inline float max_of(const float* s, long n) {
+  const vf lowest = splat(-__builtin_inff());
+  vf m[4] = {lowest, lowest, lowest, lowest};
+  long c = 0;
+  for (; c + 4 * VW <= n; c += 4 * VW)
+    for (int u = 0; u < 4; ++u) m[u] = vmax(m[u], load(s + c + u * VW));
+  for (; c < n; c += VW) m[0] = vmax(m[0], load(s + c));
+  return hmax(vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));
 }
 
 // C[m, n] (+)= sum_k A[m*a_rs + k*a_cs] * B[k*ldb + n] for R rows and NV vectors of columns,
@@ -66,6 +77,7 @@ static inline void micro(long K, const float* A, long a_rs, long a_cs, const flo
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? load(C + i * ldc + v * VW) : splat(0.f);
   }
+#pragma GCC unroll 4
   for (long k = 0, off = 0; k < K; ++k, off += a_cs, B += ldb) {
     vf b[NV];
 #pragma GCC unroll 4
@@ -94,13 +106,20 @@ static void micro_rows(long rows, long K, const float* A, long a_rs, long a_cs, 
   }
 }
 
+// C[:, 0 : NV * VW] (+)= A (M x K) * B (K x NV * VW, row stride ldb), MR rows at a time.
+template <int NV>
+static void micro_column(long M, long K, const float* A, long a_rs, long a_cs, const float* B,
+                         long ldb, float* C, long ldc, bool accumulate) {
+  for (long m0 = 0; m0 < M; m0 += MR)
+    micro_rows<NV>(M - m0 < MR ? M - m0 : MR, K, A + m0 * a_rs, a_rs, a_cs, B, ldb,
+                   C + m0 * ldc, ldc, accumulate);
+}
+
 template <int NV>
 static void gemm_panels(long M, long n0, long n1, long K, const float* A, long a_rs, long a_cs,
                         const float* B, long ldb, float* C, long ldc, bool accumulate) {
   for (; n0 + NV * VW <= n1; n0 += NV * VW)
-    for (long m0 = 0; m0 < M; m0 += MR)
-      micro_rows<NV>(M - m0 < MR ? M - m0 : MR, K, A + m0 * a_rs, a_rs, a_cs, B + n0, ldb,
-                     C + m0 * ldc + n0, ldc, accumulate);
+    micro_column<NV>(M, K, A, a_rs, a_cs, B + n0, ldb, C + n0, ldc, accumulate);
 }
 
 // C (M x N) (+)= A (M x K, strides a_rs/a_cs) * B (K x N, row stride ldb); N is a multiple of VW.
@@ -118,6 +137,53 @@ static void gemm(long M, long N, long K, const float* A, long a_rs, long a_cs, c
   }
 }
 
+// Panel-major storage of a (K x N) matrix, N a multiple of VW: panels of PW = NR * VW columns
+// (the last one may be narrower), each holding its K rows contiguously, so that the
+// micro-kernel reads B in address order.
+constexpr long PW = NR * VW;
+
+// Writes B = src^T in panels, zero-padded to (K x N): B[d, c] = src[c * lds + d] for the
+// first `depth` d and `cols` c.
+static void pack_transposed_panels(const float* src, long lds, long cols, long depth, long K,
+                                   long N, float* dst) {
+  for (long p0 = 0; p0 < N; p0 += PW) {
+    const long w = N - p0 < PW ? N - p0 : PW;
+    const long wc = cols - p0 < 0 ? 0 : cols - p0 < w ? cols - p0 : w;  // columns with data
+    float* panel = dst + p0 * K;
+    const float* in = src + p0 * lds;
+    for (long d = 0; d < K; ++d) {
+      float* row = panel + d * w;
+      long c = 0;
+      if (d < depth)
+        for (; c < wc; ++c) row[c] = in[c * lds + d];
+      for (; c < w; ++c) row[c] = 0.f;
+    }
+  }
+}
+
+// C (M x (n1 - n0)) (+)= A (M x K) * B[k0 : k0 + K, n0 : n1] for B (Kp x N) in panels; n0 and
+// n1 are multiples of VW. Rows of B pass in groups of KC, whose panel stays in L1.
+static void gemm_packed(long M, long n0, long n1, long K, const float* A, long a_rs, long a_cs,
+                        const float* B, long Kp, long N, long k0, float* C, long ldc,
+                        bool accumulate) {
+  for (long kk = 0; kk < K; kk += KC, accumulate = true) {
+    const long kc = K - kk < KC ? K - kk : KC;
+    const float* a = A + kk * a_cs;
+    for (long p0 = n0 / PW * PW; p0 < n1; p0 += PW) {
+      const long w = N - p0 < PW ? N - p0 : PW;
+      const long lo = n0 > p0 ? n0 : p0, hi = n1 < p0 + w ? n1 : p0 + w;
+      const float* b = B + p0 * Kp + (k0 + kk) * w + (lo - p0);
+      float* c = C + (lo - n0);
+      switch ((hi - lo) / VW) {
+#define TFX_COLUMN(nv) \
+  case nv: micro_column<nv>(M, kc, a, a_rs, a_cs, b, w, c, ldc, accumulate); break;
+        TFX_COLUMN(1) TFX_COLUMN(2) TFX_COLUMN(3) TFX_COLUMN(4)
+#undef TFX_COLUMN
+      }
+    }
+  }
+}
+
 // Copies rows x cols of src (row stride lds) into dst (row stride ldd), scaled, zero-padded to
 // ldd columns.
 static void pack_rows(const float* src, long lds, long rows, long cols, float scale, float* dst,
@@ -126,15 +192,6 @@ static void pack_rows(const float* src, long lds, long rows, long cols, float sc
     for (long c = 0; c < cols; ++c) dst[r * ldd + c] = src[r * lds + c] * scale;
     for (long c = cols; c < ldd; ++c) dst[r * ldd + c] = 0.f;
   }
-}
-
-// dst[d][c] = src[c][d] for c < cols, d < depth; zero-padded to ldd columns and `depth_p` rows.
-static void pack_transposed(const float* src, long lds, long cols, long depth, long depth_p,
-                            float* dst, long ldd) {
-  for (long d = 0; d < depth_p; ++d)
-    for (long c = 0; c < ldd; ++c) dst[d * ldd + c] = 0.f;
-  for (long c = 0; c < cols; ++c)
-    for (long d = 0; d < depth; ++d) dst[d * ldd + c] = src[c * lds + d];
 }
 
 // MurmurHash3's 32-bit finaliser on a uint32 or a vector of them.
@@ -218,35 +275,39 @@ struct Scratch {
 static long scratch_floats(const Attention& a) {
   long ep = round_up(a.head_dim), evp = round_up(a.v_head_dim), bq = a.block_q, bk = round_up(a.block_k);
   return bq * ep + 3 * bq * bk + bq * evp + ep * bk + bk * evp + evp * bk + bk * ep + bk * ep +
-         bk * evp + bk + 16 * VW;
+         bk * evp + bk + 16 * 16;
 }
 
 static Scratch carve(const Attention& a, float* base) {
   long ep = round_up(a.head_dim), evp = round_up(a.v_head_dim), bq = a.block_q, bk = round_up(a.block_k);
   Scratch s;
   float* p = base;
-  auto take = [&](long n) { float* r = p; p += (n + VW - 1) / VW * VW; return r; };
+  auto take = [&](long n) { float* r = p; p += (n + 15) / 16 * 16; return r; };  // 64-byte aligned
   s.q = take(bq * ep); s.s = take(bq * bk); s.p = take(bq * bk); s.keep = take(bq * bk);
   s.o = take(bq * evp); s.kt = take(ep * bk); s.vt = take(evp * bk); s.kr = take(bk * ep);
   s.dk = take(bk * ep); s.dv = take(bk * evp);
   return s;
 }
 
+// Whether the forward reads V in place (its rows are whole vectors) rather than packed.
+static bool v_in_place(const Attention& a) { return a.v_head_dim % VW == 0; }
+
 // The forward's key/value tiles are packed once per call: tile j of head (b, hk) holds K^T
-// (ep x ldk) then V (block_k x evp), zero-padded.
+// (ep x ldk, in panels) and, unless V is read in place, V (ldk x evp), zero-padded.
 static long packed_tile_floats(const Attention& a) {
-  return round_up(a.head_dim) * round_up(a.block_k) + round_up(a.block_k) * round_up(a.v_head_dim);
+  const long ldk = round_up(a.block_k);
+  return ldk * round_up(a.head_dim) + (v_in_place(a) ? 0 : ldk * round_up(a.v_head_dim));
 }
 
 static void pack_tile(const Attention& a, long tile, float* packed) {
   const long nk = a.n_key_blocks(), head = tile / nk, j = tile % nk;
-  const long E = a.head_dim, Ev = a.v_head_dim, col0 = j * a.block_k;
+  const long E = a.head_dim, Ev = a.v_head_dim, col0 = j * a.block_k, ldk = round_up(a.block_k);
   const long cols = a.kv_len - col0 < a.block_k ? a.kv_len - col0 : a.block_k;
   float* kt = packed + tile * packed_tile_floats(a);
-  pack_transposed(a.k + (head * a.kv_len + col0) * E, E, cols, E, round_up(E), kt,
-                  round_up(a.block_k));
-  pack_rows(a.v + (head * a.kv_len + col0) * Ev, Ev, cols, Ev, 1.f,
-            kt + round_up(E) * round_up(a.block_k), round_up(Ev));
+  pack_transposed_panels(a.k + (head * a.kv_len + col0) * E, E, cols, E, round_up(E), ldk, kt);
+  if (!v_in_place(a))
+    pack_rows(a.v + (head * a.kv_len + col0) * Ev, Ev, cols, Ev, 1.f, kt + round_up(E) * ldk,
+              round_up(Ev));
 }
 
 // Forward of one (batch, query head, query block): only the keys its rows can see, from the
@@ -263,8 +324,8 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
   t.row0 = i * a.block_q;
   t.rows = a.q_len - t.row0 < a.block_q ? a.q_len - t.row0 : a.block_q;
   pack_rows(a.q + ((b * a.q_heads + h) * a.q_len + t.row0) * E, E, t.rows, E, a.scale, sc.q, ep);
-  float row_max[512], total[512];
-  for (long r = 0; r < t.rows; ++r) { row_max[r] = -inf; total[r] = 0.f; }
+  float shift[512], total[512];
+  for (long r = 0; r < t.rows; ++r) { shift[r] = -inf; total[r] = 0.f; }
   for (long x = 0; x < t.rows * evp; ++x) sc.o[x] = 0.f;
   for (long j = qb.lo_min / a.block_k; j * a.block_k < qb.hi_max; ++j) {
     const long skip = std::max(0L, qb.lo_min - j * a.block_k) / VW * VW;  // keys no row sees
@@ -274,26 +335,25 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
     const TileClass cls = classify(a, qb, b, j, t);
     if (cls == EMPTY) continue;
     const float* kt = packed + ((b * a.kv_heads + hk) * nk + j) * packed_tile_floats(a);
-    const float* vt = kt + ep * ldk + skip * evp;
-    gemm(t.rows, t.ldt, ep, sc.q, ep, 1, kt + skip, ldk, sc.s, t.ldt, false);
+    gemm_packed(t.rows, skip, skip + t.ldt, ep, sc.q, ep, 1, kt, ep, ldk, 0, sc.s, t.ldt, false);
     for (long r = 0; r < t.rows; ++r) {
       float* s = sc.s + r * t.ldt;
       if (cls == PARTIAL) mask_row(a, b, h, t.row0 + r, t, s);
-      vf m = splat(-inf);
-      for (long c = 0; c < t.ldt; c += VW) m = vmax(m, load(s + c));
-      float new_max = hmax(m);
-      new_max = new_max > row_max[r] ? new_max : row_max[r];
-      const float safe = new_max == -inf ? 0.f : new_max;
-      const vf shift = splat(safe);
+      // Scores are shifted in log2 units by `shift` (the row's running maximum times log2 e,
+      // rounded), the same shift for the running sum, the output and the LSE.
+      const float tile_shift = max_of(s, t.ldt) * kLog2e;
+      const float new_shift = tile_shift > shift[r] ? tile_shift : shift[r];
+      const float safe = new_shift == -inf ? 0.f : new_shift;
+      const vf log2e = splat(kLog2e), offset = splat(safe);
       vf sum = splat(0.f);
       for (long c = 0; c < t.ldt; c += VW) {
-        vf e = vexp(load(s + c) - shift);
+        const vf e = exp2_neg(load(s + c) * log2e - offset);
         sum += e;
         store(s + c, e);
       }
-      const float correction = row_max[r] == -inf ? 0.f : __builtin_expf(row_max[r] - safe);
+      const float correction = shift[r] == -inf ? 0.f : __builtin_exp2f(shift[r] - safe);
       total[r] = total[r] * correction + hsum(sum);
-      row_max[r] = new_max;
+      shift[r] = new_shift;
       if (a.dropout) {
         keep_row(a, b, h, t.row0 + r, t.col0, t.ldt, sc.keep);
         for (long c = 0; c < t.ldt; c += VW) store(s + c, load(s + c) * load(sc.keep + c));
@@ -303,7 +363,10 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
         for (long c = 0; c < evp; c += VW) store(sc.o + r * evp + c, load(sc.o + r * evp + c) * corr);
       }
     }
-    gemm(t.rows, evp, t.cols, sc.s, t.ldt, 1, vt, evp, sc.o, evp, true);
+    const long ldv = v_in_place(a) ? Ev : evp;
+    const float* vt = (v_in_place(a) ? a.v + ((b * a.kv_heads + hk) * a.kv_len + j * a.block_k) * Ev
+                                     : kt + ep * ldk) + skip * ldv;
+    gemm(t.rows, evp, t.cols, sc.s, t.ldt, 1, vt, ldv, sc.o, evp, true);
   }
   float* out = a.out + ((b * a.q_heads + h) * a.q_len + t.row0) * Ev;
   float* lse = a.lse + (b * a.q_heads + h) * a.q_len + t.row0;
@@ -311,7 +374,7 @@ static void forward_item(const Attention& a, const float* packed, long item, flo
     const bool seen = total[r] > 0.f;
     const float inv = seen ? a.inv_keep / total[r] : 0.f;
     for (long c = 0; c < Ev; ++c) out[r * Ev + c] = sc.o[r * evp + c] * inv;
-    lse[r] = seen ? (row_max[r] == -inf ? 0.f : row_max[r]) + __builtin_logf(total[r]) : -inf;
+    lse[r] = seen ? float(double(shift[r]) * 0.69314718055994531 + __builtin_log(total[r])) : -inf;
   }
 }
 
@@ -331,8 +394,8 @@ static void backward_item(const Attention& a, long item, long chunks, float* dq,
     t.col0 = j * a.block_k;
     t.cols = a.kv_len - t.col0 < a.block_k ? a.kv_len - t.col0 : a.block_k;
     t.ldt = round_up(t.cols);
-    pack_transposed(k + t.col0 * E, E, t.cols, E, ep, sc.kt, t.ldt);
-    pack_transposed(v + t.col0 * Ev, Ev, t.cols, Ev, evp, sc.vt, t.ldt);
+    pack_transposed_panels(k + t.col0 * E, E, t.cols, E, ep, t.ldt, sc.kt);
+    pack_transposed_panels(v + t.col0 * Ev, Ev, t.cols, Ev, evp, t.ldt, sc.vt);
     pack_rows(k + t.col0 * E, E, t.cols, E, 1.f, sc.kr, ep);
     for (long x = 0; x < t.ldt * ep; ++x) sc.dk[x] = 0.f;
     for (long x = 0; x < t.ldt * evp; ++x) sc.dv[x] = 0.f;
@@ -345,16 +408,19 @@ static void backward_item(const Attention& a, long item, long chunks, float* dq,
         if (cls == EMPTY) continue;
         pack_rows(a.q + (head + t.row0) * E, E, t.rows, E, a.scale, sc.q, ep);
         pack_rows(a.dout + (head + t.row0) * Ev, Ev, t.rows, Ev, 1.f, sc.o, evp);
-        gemm(t.rows, t.ldt, ep, sc.q, ep, 1, sc.kt, t.ldt, sc.s, t.ldt, false);   // scores
-        gemm(t.rows, t.ldt, evp, sc.o, evp, 1, sc.vt, t.ldt, sc.p, t.ldt, false);  // dP
+        gemm_packed(t.rows, 0, t.ldt, ep, sc.q, ep, 1, sc.kt, ep, t.ldt, 0, sc.s, t.ldt,
+                    false);  // scores
+        gemm_packed(t.rows, 0, t.ldt, evp, sc.o, evp, 1, sc.vt, evp, t.ldt, 0, sc.p, t.ldt,
+                    false);  // dP
         for (long r = 0; r < t.rows; ++r) {
           float* s = sc.s + r * t.ldt;
           float* dp = sc.p + r * t.ldt;
           if (cls == PARTIAL) mask_row(a, b, h, t.row0 + r, t, s);
-          const vf lse = splat(a.lse[head + t.row0 + r]), delta = splat(a.delta[head + t.row0 + r]);
+          const vf lse = splat(a.lse[head + t.row0 + r] * kLog2e), log2e = splat(kLog2e);
+          const vf delta = splat(a.delta[head + t.row0 + r]);
           if (a.dropout) keep_row(a, b, h, t.row0 + r, t.col0, t.ldt, sc.keep + r * t.ldt);
           for (long c = 0; c < t.ldt; c += VW) {
-            vf p = vexp(load(s + c) - lse);
+            vf p = exp2_neg(load(s + c) * log2e - lse);
             vf d = load(dp + c);
             if (a.dropout) {
               vf keep = load(sc.keep + r * t.ldt + c) * splat(a.inv_keep);
@@ -385,7 +451,7 @@ static void backward_item(const Attention& a, long item, long chunks, float* dq,
 static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
                         const std::vector<long>& order) {
   const long tiles = a.batch * a.kv_heads * a.n_key_blocks();
-  std::unique_ptr<float[]> packed(new float[tiles * packed_tile_floats(a)]);
+  Floats packed = aligned_floats(tiles * packed_tile_floats(a));
   float* base = packed.get();
   parallel_for(pool, tiles, threads, 0, [&](long t, float*) { pack_tile(a, t, base); });
   parallel_for(pool, long(order.size()), threads, scratch_floats(a),
@@ -397,7 +463,7 @@ static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
 static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads, long chunks) {
   const long ep = round_up(a.head_dim), slab = a.groups() * a.q_len * ep;
   const long items = a.batch * a.kv_heads * chunks;
-  std::unique_ptr<float[]> partial(new float[items * slab]);
+  Floats partial = aligned_floats(items * slab);
   float* base = partial.get();
   parallel_for(pool, items, threads, scratch_floats(a),
                [&](long i, float* s) { backward_item(a, i, chunks, base + i * slab, s); });
