@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import jax
-# The context meshes a trace runs under: jax.sharding has no public getter for the concrete one.
-from jax._src import mesh as mesh_lib
+# The context meshes a trace runs under, and a partitioner's sharding read as mesh axes: jax has
+# no public API for either.
+from jax._src import mesh as mesh_lib, sharding_impls
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -24,6 +25,19 @@ def axes(entry) -> tuple[str, ...]:
 def size(mesh, entry) -> int:
     """How many ways ``entry`` (a ``PartitionSpec`` entry) splits a dim over ``mesh``."""
     return math.prod(mesh.shape[a] for a in axes(entry))
+
+
+def spec(mesh, shape) -> tuple:
+    """How the partitioner splits ``shape`` (a ``jax.ShapeDtypeStruct`` it gave a partitioning
+    rule), as mesh axes per dim; whole (None) where it splits a dim otherwise than over whole
+    mesh axes (part of an axis: the rule then has it gathered)."""
+    ndim = len(shape.shape)
+    try:
+        entries = tuple(sharding_impls.parse_flatten_op_sharding(
+            shape.sharding._to_xla_hlo_sharding(ndim), mesh)[0])
+    except ValueError:
+        entries = ()
+    return entries + (None,) * (ndim - len(entries))
 
 
 def of_devices(mesh) -> bool:
@@ -65,8 +79,7 @@ def factorwise(fn, operands: tuple[str, ...], result: str, reduce: str = "", who
     def partition(mesh, arg_shapes, result_shape):
         split, used = {}, set()
         for factors, x in zip(operands, arg_shapes):
-            spec = tuple(getattr(x.sharding, "spec", ())) + (None,) * len(factors)
-            for factor, dim, entry in zip(factors, x.shape, spec):
+            for factor, dim, entry in zip(factors, x.shape, spec(mesh, x)):
                 names = set(axes(entry))
                 if (names and factor not in split and factor not in whole
                         and not names & used and not dim % size(mesh, entry)):
@@ -81,7 +94,8 @@ def factorwise(fn, operands: tuple[str, ...], result: str, reduce: str = "", who
         return mesh, lower, shard(result), tuple(map(shard, operands))
 
     order = dict.fromkeys("".join(operands) + result)  # special factors in the rule's order
-    op.def_partition(partition, sharding_rule=", ".join(map(" ".join, operands)) + " -> "
+    op.def_partition(partition, decode_shardings=False,
+                     sharding_rule=", ".join(map(" ".join, operands)) + " -> "
                      + " ".join(result), reduction_factors=tuple(f for f in order if f in reduce),
                      need_replication_factors=tuple(f for f in order if f in whole))
     return op

@@ -215,21 +215,24 @@ PLANNED = (("cpu", "cpu_flash"), ("cuda", "pallas_triton"), ("tpu", "pallas_tpu"
 Q8, K4 = jnp.zeros((4, 8, 40, 16)), jnp.zeros((4, 4, 48, 16))  # shapes only
 
 
-@pytest.mark.parametrize("axis_type, spec, k, shard, gathered", [
-    (AxisType.Auto, P("data", "tensor"), K4, (2, 2, 40, 16), ""),
-    (AxisType.Explicit, P(), K4, (4, 8, 40, 16), ""),
-    (AxisType.Auto, P(None, "tensor", "data"), K4[:, :2], (4, 8, 40, 16),
+@pytest.mark.parametrize("axis_type, spec, q, k, shard, gathered", [
+    (AxisType.Auto, P("data", "tensor"), Q8, K4, (2, 2, 40, 16), ""),
+    (AxisType.Explicit, P(), Q8, K4, (4, 8, 40, 16), ""),
+    # 2 key/value heads: each shard's 2 query heads read one (sliced).
+    (AxisType.Auto, P(None, "tensor", "data"), Q8, K4[:, :2], (4, 2, 40, 16),
+     "; the sequence dim split over 'data' is gathered first (sdpa splits over batch and heads "
+     "only: for a split sequence use a context-parallel layout)"),
+    (AxisType.Auto, P("data", "tensor"), jnp.zeros((4, 12, 40, 16)), K4[:, :3], (2, 12, 40, 16),
      "; the head dim split over 'tensor' is gathered first (the query heads are split 4 ways "
-     "over 'tensor' but the 2 key/value heads do not divide by 4); the sequence dim split "
-     "over 'data' is gathered first (sdpa splits over batch and heads only: for a split "
-     "sequence use a context-parallel layout)"),
+     "over 'tensor' but the 3 key/value heads do not divide by 4, nor do a shard's 3 query "
+     "heads divide the 4 that read each key/value head)"),
 ])
-def test_explain_reports_each_kernel_per_shard_where_xla_splits_the_op(axis_type, spec, k, shard,
-                                                                       gathered):
+def test_explain_reports_each_kernel_per_shard_where_xla_splits_the_op(axis_type, spec, q, k,
+                                                                       shard, gathered):
     """Several devices and no explicit axis splitting the query: every planned kernel runs per
     shard (custom calls by their partitioning rule), and the report says on which query shard
     and what the partitioner gathers first."""
-    q = _on_mesh(axis_type, spec, array=Q8)
+    q = _on_mesh(axis_type, spec, array=q)
     report = tfx.explain(q, k, k, is_causal=True, enable_gqa=True)
     types = f"(data={axis_type.name}, tensor={axis_type.name})"
     for platform, planned in PLANNED:
@@ -340,11 +343,13 @@ EIGHT_DEVICES = textwrap.dedent("""
     explicit = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(explicit):
         try:
-            tfx.sdpa(jax.device_put(q, spec), k[:, :2], v[:, :2], enable_gqa=True)
-            raise AssertionError("2 key/value heads split 4 ways")
+            tfx.sdpa(jax.device_put(jnp.zeros((4, 12, 40, 16)), spec), k[:, :3], v[:, :3],
+                     enable_gqa=True)
+            raise AssertionError("12 query heads on 3 key/value heads split 4 ways")
         except ValueError as err:
-            assert str(err) == ("sdpa: the query heads are split 4 ways over 'tensor' but the 2 "
-                                "key/value heads do not divide by 4"), err
+            assert str(err) == ("sdpa: the query heads are split 4 ways over 'tensor' but the 3 "
+                                "key/value heads do not divide by 4, nor do a shard's 3 query "
+                                "heads divide the 4 that read each key/value head"), err
     for backend in (tfx.Backend.XLA_FLASH, tfx.Backend.PALLAS_TRITON, tfx.Backend.PALLAS_TPU):
         with jax.set_mesh(explicit), tfx.sdpa_kernel(backend):
             args = [jax.device_put(x, s) for x, s in
@@ -396,6 +401,20 @@ EIGHT_DEVICES = textwrap.dedent("""
             compiled = dropped_grad.lower(*args[:3]).compile()
         assert local <= kernel_shapes(compiled.as_text(), marker)
         for a, b in zip(jax.tree.leaves(compiled(*args[:3])), jax.tree.leaves(want_dropped)):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
+    # 2 key/value heads on 4 head shards: each shard's 2 query heads read one, sliced from the
+    # whole key/value (their gradients summed over the head shards), on either mesh.
+    with tfx.sdpa_kernel(tfx.Backend.MATH):
+        want_gqa = jax.jit(grad)(q, k[:, :2], v[:, :2], mask)
+    for mesh in (auto, explicit):
+        with jax.set_mesh(mesh):
+            sliced = [jax.device_put(x, s) for x, s in ((q, spec), (k[:, :2], P("data")),
+                                                         (v[:, :2], P("data")), (mask, P("data")))]
+            compiled = jax.jit(grad).lower(*sliced).compile()
+        shapes = kernel_shapes(compiled.as_text(), "tfx_cpu_flash_")
+        assert {"f32[2,2,40,16]", "f32[2,1,48,16]"} <= shapes and "f32[2,2,48,16]" not in shapes
+        assert "all-gather" not in compiled.as_text()
+        for a, b in zip(jax.tree.leaves(compiled(*sliced)), jax.tree.leaves(want_gqa)):
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     # Eager, and vmap (dropout: each member's own stream) inside the jit: per shard too.
     np.testing.assert_allclose(tfx.sdpa(*args[:3], enable_gqa=True),

@@ -46,16 +46,21 @@ def _spec(x) -> tuple:
 
 class _Split(NamedTuple):
     """The mesh axes splitting the batch and the query heads (None: whole), and whether the
-    key/value heads split with the query's (else every shard holds them all)."""
+    key/value heads split with the query's or, where they do not divide that way, are held
+    whole and sliced to the one each shard's query heads read (else every shard reads them
+    all: one key/value head)."""
 
     mesh: object
     batch: object
     heads: object
     split_kv: bool
+    slice_kv: bool
 
     @classmethod
     def of(cls, problem: Problem, mesh, batch, heads) -> "_Split":
-        return cls(mesh, batch, heads, heads is not None and problem.kv_heads > 1)
+        gqa = heads is not None and problem.kv_heads > 1
+        split = gqa and not problem.kv_heads % _size(mesh, heads)
+        return cls(mesh, batch, heads, split, gqa and not split)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -93,7 +98,8 @@ class _Split(NamedTuple):
         rows = lambda n, s: None if n is None else n // _size(self.mesh, s[0][0])
         return dataclasses.replace(
             problem, batch=problem.batch // n_batch, q_heads=problem.q_heads // n_heads,
-            kv_heads=problem.kv_heads // (n_heads if self.split_kv else 1),
+            kv_heads=1 if self.slice_kv else problem.kv_heads // (
+                n_heads if self.split_kv else 1),
             mask_shape=None if spec.mask is None else tuple(
                 d // _size(self.mesh, e) for d, e in zip(problem.mask_shape, spec.mask)),
             bounds=rows(problem.bounds, spec.bounds), segments=rows(problem.segments,
@@ -107,7 +113,10 @@ class _Split(NamedTuple):
         def body(*args):
             q, k, v, extras, rest = _unflat(local, args)
             b0 = jax.lax.axis_index(_axes(self.batch)) * local.batch if self.batch else 0
-            h0 = jax.lax.axis_index(_axes(self.heads)) * local.q_heads if self.heads else 0
+            h0 = self.first_head(local)
+            if self.slice_kv:
+                k, v = (jax.lax.dynamic_slice_in_dim(x, h0 // problem.groups, 1, axis=1)
+                        for x in (k, v))
             seed = extras.seed
             if seed is not None:
                 seed = jnp.stack([seed[0], seed[1], jnp.uint32(b0 * problem.q_heads + h0),
@@ -119,6 +128,10 @@ class _Split(NamedTuple):
             return fn(shard, q, k, v, extras, *rest)
         return body
 
+    def first_head(self, local: Problem):
+        """Inside a shard: its first global query head."""
+        return jax.lax.axis_index(_axes(self.heads)) * local.q_heads if self.heads else 0
+
 
 def _unflat(problem: Problem, args):
     q, k, v, *flat = args
@@ -127,11 +140,14 @@ def _unflat(problem: Problem, args):
 
 
 def head_split_error(problem: Problem, n_heads: int, heads) -> str | None:
-    """Why the query heads cannot split ``n_heads`` ways over ``heads`` (GQA: the key/value
-    heads must split with them), or None."""
-    if problem.kv_heads > 1 and problem.kv_heads % n_heads:
+    """Why the query heads cannot split ``n_heads`` ways over ``heads``, or None. With GQA the
+    key/value heads split with them, or each shard's query heads read one key/value head."""
+    local = problem.q_heads // n_heads
+    if problem.kv_heads > 1 and problem.kv_heads % n_heads and problem.groups % local:
         return (f"the query heads are split {n_heads} ways over {heads!r} but the "
-                f"{problem.kv_heads} key/value heads do not divide by {n_heads}")
+                f"{problem.kv_heads} key/value heads do not divide by {n_heads}, nor do a "
+                f"shard's {local} query heads divide the {problem.groups} that read each "
+                f"key/value head")
     return None
 
 
@@ -199,11 +215,11 @@ def _resharded(name: str, x, spec: tuple):
     return x if have == spec else jax.sharding.reshard(x, P(*spec))
 
 
-def _automatic_split(problem: Problem, mesh, sharding) -> _Split:
-    """How a shard of the op splits where the partitioner gave the query ``sharding``: its batch
-    and head axes, where they divide the problem (the key/value heads too, with GQA), else
-    whole (the partitioner gathers them, and any split sequence)."""
-    spec = tuple(getattr(sharding, "spec", ())) + (None,) * 2
+def _automatic_split(problem: Problem, mesh, spec: tuple) -> _Split:
+    """How a shard of the op splits where the partitioner splits the query as ``spec`` (mesh
+    axes per dim): its batch and head axes where they divide the problem (with GQA, see
+    ``head_split_error``), else whole (the partitioner gathers them, and any split
+    sequence)."""
     batch, heads = spec[:2]
     if problem.batch % _size(mesh, batch):
         batch = None
@@ -221,9 +237,10 @@ def automatic(problem: Problem, run, backward: bool, avals):
     op = partitioning.whole_problem(lambda *args: tuple(run(problem, *args)))
 
     def partition(mesh, arg_shapes, result_shapes):
-        split = _automatic_split(problem, mesh, arg_shapes[0].sharding)
+        split = _automatic_split(problem, mesh, partitioning.spec(mesh, arg_shapes[0]))
         specs = split.specs(problem, arg_shapes)
-        body = split.per_shard(problem, split.local(problem, specs),
+        local = split.local(problem, specs)
+        body = split.per_shard(problem, local,
                                lambda p, q, k, v, extras, *rest: tuple(
                                    run(p, q, k, v, *extras.flat(), *rest)))
         q_spec, kv_spec = specs[0], specs[1]
@@ -232,14 +249,21 @@ def automatic(problem: Problem, run, backward: bool, avals):
 
         def lower(*args):
             results = body(*args)
-            if not backward or not split.axes:
+            if not backward:
                 return results
-            return (*results[:3], *(jax.lax.psum(d, split.axes) for d in results[3:]))
+            dq, dk, dv, *dconsts = results
+            if split.slice_kv:  # the shard's key/value head, summed over the head shards
+                kv = split.first_head(local) // problem.groups
+                dk, dv = (jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(
+                    jnp.zeros_like(x), d, kv, axis=1), _axes(split.heads))
+                          for x, d in ((args[1], dk), (args[2], dv)))
+            return (dq, dk, dv, *(jax.lax.psum(d, split.axes) for d in dconsts))
 
         shard = lambda spec: NamedSharding(mesh, P(*spec))
         return mesh, lower, tuple(map(shard, outs)), tuple(map(shard, specs))
 
-    op.def_partition(partition, sharding_rule=_rule(problem, avals, backward))
+    op.def_partition(partition, decode_shardings=False,
+                     sharding_rule=_rule(problem, avals, backward))
     return op
 
 
@@ -351,7 +375,7 @@ def explained(explanation: select.Explanation, query) -> select.Explanation:
 def _shard_note(problem: Problem, mesh, query) -> str:
     """Each device's query shard under ``automatic``, and what the partitioner gathers first."""
     spec = tuple(query.sharding.spec) + (None,) * (4 - len(query.sharding.spec))
-    split = _automatic_split(problem, mesh, query.sharding)
+    split = _automatic_split(problem, mesh, spec)
     local = (problem.batch // _size(mesh, split.batch), problem.q_heads // _size(mesh, split.heads),
              problem.q_len, problem.head_dim)
     notes = [f"the {dim} dim split over {got!r} is gathered first" + (
