@@ -451,8 +451,8 @@ static void backward_item(const Attention& a, long item, long chunks, float* dq,
 static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
                         const std::vector<long>& order) {
   const long tiles = a.batch * a.kv_heads * a.n_key_blocks();
-  Floats packed = aligned_floats(tiles * packed_tile_floats(a));
-  float* base = packed.get();
+  Floats own;
+  float* base = thread_buffer(1, tiles * packed_tile_floats(a), own);
   parallel_for(pool, tiles, threads, 0, [&](long t, float*) { pack_tile(a, t, base); });
   parallel_for(pool, long(order.size()), threads, scratch_floats(a),
                [&](long i, float* s) { forward_item(a, base, order[i], s); });
@@ -463,8 +463,8 @@ static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
 static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads, long chunks) {
   const long ep = round_up(a.head_dim), slab = a.groups() * a.q_len * ep;
   const long items = a.batch * a.kv_heads * chunks;
-  Floats partial = aligned_floats(items * slab);
-  float* base = partial.get();
+  Floats own;
+  float* base = thread_buffer(1, items * slab, own);
   parallel_for(pool, items, threads, scratch_floats(a),
                [&](long i, float* s) { backward_item(a, i, chunks, base + i * slab, s); });
   const long E = a.head_dim, rows = a.batch * a.q_heads, nq = a.n_query_blocks();
