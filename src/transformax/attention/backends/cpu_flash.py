@@ -93,10 +93,12 @@ def backward_chunks(problem: Problem, cfg: Config) -> int:
 
 
 def temporary_bytes(problem: Problem) -> int:
-    """The packed key/value tiles, each thread's tiles (the backward's, the larger) and the
-    backward's dQ partial sums (one copy of dQ per key chunk)."""
+    """The packed key tiles (and value tiles, where V's rows are not whole vectors and cannot be
+    read in place), each thread's tiles (the backward's, the larger) and the backward's dQ
+    partial sums (one copy of dQ per key chunk)."""
     p, cfg = problem, tune.planned(NAME, problem, "bwd")
-    packed = 4 * p.batch * p.kv_heads * p.kv_len * (p.head_dim + p.v_head_dim)
+    packed_v = 0 if p.v_head_dim % 16 == 0 else p.v_head_dim
+    packed = 4 * p.batch * p.kv_heads * p.kv_len * (p.head_dim + packed_v)
     dq = 4 * backward_chunks(p, cfg) * p.batch * p.q_heads * p.q_len * p.head_dim
     return packed + cfg.threads * working_set(p, "bwd", cfg.block_q, cfg.block_k) + dq
 
