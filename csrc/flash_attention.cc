@@ -312,8 +312,8 @@ ffi::Error read_common(Attention& a, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::An
   return ffi::Error::Success();
 }
 
-// The query blocks of every (batch, query head), widest visible key range first (dynamic
-// scheduling then ends with the cheap ones).
+// The query blocks head by head (consecutive items share their keys and values in cache), each
+// head's widest visible key range first (dynamic scheduling then ends with cheap ones).
 std::vector<long> forward_order(const Attention& a) {
   const long nq = a.n_query_blocks();
   std::vector<long> order(a.batch * a.q_heads * nq), width(order.size());
@@ -322,7 +322,9 @@ std::vector<long> forward_order(const Attention& a) {
     order[x] = x;
     width[x] = qb.hi_max - qb.lo_min;
   }
-  std::stable_sort(order.begin(), order.end(), [&](long x, long y) { return width[x] > width[y]; });
+  std::stable_sort(order.begin(), order.end(), [&](long x, long y) {
+    return x / nq != y / nq ? x / nq < y / nq : width[x] > width[y];
+  });
   return order;
 }
 
