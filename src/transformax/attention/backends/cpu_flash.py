@@ -38,6 +38,7 @@ MASK_MOD_LIMIT = 2**26  # elements of the dense mask a generic mask_mod is evalu
 # Its FFI targets carry no serialization guarantee: jax.export lowers the next eligible kernel.
 EXPORTABLE = False
 _ISA_CODES = {"avx2": 0, "avx512": 1}
+_LANES = {"avx2": 8, "avx512": 16}  # floats per vector (VW in csrc/flash_attention.cc)
 _DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
@@ -97,7 +98,8 @@ def temporary_bytes(problem: Problem) -> int:
     read in place), each thread's tiles (the backward's, the larger) and the backward's dQ
     partial sums (one copy of dQ per key chunk)."""
     p, cfg = problem, tune.planned(NAME, problem, "bwd")
-    packed_v = 0 if p.v_head_dim % 16 == 0 else p.v_head_dim
+    lanes = _LANES[tune.planned(NAME, problem, "fwd").isa]  # the forward packs the tiles
+    packed_v = 0 if p.v_head_dim % lanes == 0 else p.v_head_dim
     packed = 4 * p.batch * p.kv_heads * p.kv_len * (p.head_dim + packed_v)
     dq = 4 * backward_chunks(p, cfg) * p.batch * p.q_heads * p.q_len * p.head_dim
     return packed + cfg.threads * working_set(p, "bwd", cfg.block_q, cfg.block_k) + dq
