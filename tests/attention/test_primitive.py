@@ -447,6 +447,26 @@ EIGHT_DEVICES = textwrap.dedent("""
         np.testing.assert_allclose(compiled(x), want, atol=1e-5, rtol=1e-5)
     assert "gathered" in note and "tfx_cpu_flash" not in jax.export.export(attend)(
         args[0]).mlir_module()
+    # flex_attention on either mesh: a score_mod reading a captured per-head array at the
+    # global head, a documents mask_mod; values and gradients (the captured array's too).
+    slopes = jax.random.normal(keys[3], (8,))
+    docs = jnp.arange(48) // 20
+
+    def flex_loss(q, k, v, slopes):
+        block_mask = tfx.create_block_mask(lambda b, h, i, j: docs[i] == docs[j], None, None,
+                                           40, 48, BLOCK_SIZE=16)
+        out = tfx.flex_attention(q, k, v, lambda s, b, h, i, j: s + slopes[h] * (i - j) / 8,
+                                 block_mask, enable_gqa=True)
+        return jnp.sum(out * out)
+
+    flex_grad = jax.jit(jax.value_and_grad(flex_loss, argnums=(0, 1, 2, 3)))
+    want_flex = flex_grad(q, k, v, slopes)
+    for mesh in (explicit, auto):
+        with jax.set_mesh(mesh):
+            got = flex_grad(*(jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)),
+                            slopes)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_flex)):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
     print("ok")
 """)
 

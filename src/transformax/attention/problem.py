@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core
 
 
 class Hoisted:
@@ -44,10 +45,58 @@ class Hoisted:
 
     def __call__(self, *args):
         n = len(self.jaxpr.invars)
-        return jax.core.eval_jaxpr(self.jaxpr, args[n:], *args[:n])[0]
+        return run_jaxpr(self.jaxpr, args[n:], args[:n], _bind_here)[0]
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
+
+
+# Calls whose bodies are run inline: a hook's ops are replayed one by one, so a custom_jvp's
+# rule is not used (autodiff goes through its body).
+INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+                 "remat", "checkpoint"}
+
+
+def run_jaxpr(jaxpr, consts, args, bind, wrap_const=lambda c: c) -> list:
+    """The outputs of ``jaxpr`` on ``args``: calls inlined (their consts through
+    ``wrap_const``), every other equation through ``bind(eqn, operands) -> outputs``."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, core.Literal) else env[v]
+
+    for var, value in (*zip(jaxpr.constvars, consts), *zip(jaxpr.invars, args)):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        if eqn.primitive.name in INLINED_CALLS:
+            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            outs = run_jaxpr(getattr(sub, "jaxpr", sub),
+                             [wrap_const(c) for c in getattr(sub, "consts", ())], ins, bind,
+                             wrap_const)
+        else:
+            outs = bind(eqn, ins)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind_here(eqn, ins) -> list:
+    """``eqn`` bound in the caller's context, not the one it was traced in (inside a
+    shard_map, say, for a hook traced under an explicit mesh), its operands cast to vary over
+    the same manual axes, as jax's op wrappers do (the casts recorded when it was traced are
+    dropped: they were for that context)."""
+    if eqn.primitive.name == "pvary":
+        return ins
+    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in ins))
+    ins = [vary_over(x, axes) for x in ins]
+    outs = eqn.primitive.bind(*ins, **eqn.params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
+def vary_over(x, axes: frozenset):
+    """``x`` typed as varying over the manual mesh ``axes`` (a no-op cast where it does)."""
+    missing = axes - jax.typeof(x).mat.varying
+    return jax.lax.pcast(x, tuple(missing), to="varying") if missing else x
 
 
 def hoist(fn, name: str, *scalar_dtypes) -> tuple[Hoisted, tuple]:

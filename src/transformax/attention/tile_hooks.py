@@ -22,12 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
-from transformax.attention.problem import Hoisted
+from transformax.attention.problem import Hoisted, run_jaxpr
 
-# Calls whose body runs inline (a custom_jvp/vjp's rule is not needed: only the raw scores are
-# differentiated through a hook here), and scalar-to-scalar shape changes (no-ops per element).
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "remat", "checkpoint"}
+# Scalar-to-scalar shape changes (no-ops per element).
 _SHAPING = {"broadcast_in_dim", "reshape", "squeeze", "copy"}
 
 
@@ -159,30 +156,16 @@ def _reshape(view: _View, params) -> _View:
 
 
 def _run(jaxpr, consts, args, load) -> list:
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, core.Literal) else env[v]
-
-    for var, value in (*zip(jaxpr.constvars, consts), *zip(jaxpr.invars, args)):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
+    def step(eqn, ins):
         name = eqn.primitive.name
         if ins and isinstance(ins[0], _View) and name in ("dynamic_slice", "squeeze", "reshape"):
             view, rest = ins[0], [_read(x, load) for x in ins[1:]]
-            outs = [_dynamic_slice(view, rest, eqn.params) if name == "dynamic_slice" else
+            return [_dynamic_slice(view, rest, eqn.params) if name == "dynamic_slice" else
                     _squeeze(view, eqn.params["dimensions"]) if name == "squeeze" else
                     _reshape(view, eqn.params)]
-        elif name in _CALLS:
-            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            inner = getattr(sub, "jaxpr", sub)
-            outs = _run(inner, [_View.of(c) for c in getattr(sub, "consts", ())], ins, load)
-        else:
-            outs = _bind(eqn, [_read(x, load) for x in ins])
-        for var, value in zip(eqn.outvars, outs):
-            env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+        return _bind(eqn, [_read(x, load) for x in ins])
+
+    return run_jaxpr(jaxpr, consts, args, step, _View.of)
 
 
 def _bind(eqn, ins) -> list:
