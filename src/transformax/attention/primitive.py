@@ -24,7 +24,7 @@ from jax.interpreters import batching, mlir
 from transformax import partitioning
 from transformax.attention import partition, select, tile_math
 from transformax.attention.backends import math as math_kernel
-from transformax.attention.problem import Extras, Problem
+from transformax.attention.problem import Extras, Problem, same_varying_axes
 
 
 def _primitive(name: str) -> Primitive:
@@ -259,22 +259,8 @@ def attention(problem: Problem, plan, q, k, v, extras: Extras):
 
 
 def _local_attention(plan: Plan, problem: Problem, q, k, v, extras: Extras, split=False):
-    q, k, v, *flat = _same_varying_axes(q, k, v, *extras.flat())
+    q, k, v, *flat = same_varying_axes(q, k, v, *extras.flat())
     return _attention(problem, plan, split, q, k, v, Extras.unflat(problem, flat)[0])
-
-
-def _varying(x) -> frozenset:
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10+; earlier jax calls it vma
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _same_varying_axes(*args):
-    axes = frozenset().union(*(_varying(x) for x in args))
-    if not axes:
-        return args
-    return tuple(x if not (missing := axes - _varying(x))
-                 else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -53,7 +53,7 @@ class Hoisted:
 
 # Calls whose bodies are run inline: a hook's ops are replayed one by one, so a custom_jvp's
 # rule is not used (autodiff goes through its body).
-INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+_INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                  "remat", "checkpoint"}
 
 
@@ -69,7 +69,7 @@ def run_jaxpr(jaxpr, consts, args, bind, wrap_const=lambda c: c) -> list:
         env[var] = value
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        if eqn.primitive.name in INLINED_CALLS:
+        if eqn.primitive.name in _INLINED_CALLS:
             sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             outs = run_jaxpr(getattr(sub, "jaxpr", sub),
                              [wrap_const(c) for c in getattr(sub, "consts", ())], ins, bind,
@@ -82,21 +82,26 @@ def run_jaxpr(jaxpr, consts, args, bind, wrap_const=lambda c: c) -> list:
 
 def _bind_here(eqn, ins) -> list:
     """``eqn`` bound in the caller's context, not the one it was traced in (inside a
-    shard_map, say, for a hook traced under an explicit mesh), its operands cast to vary over
-    the same manual axes, as jax's op wrappers do (the casts recorded when it was traced are
-    dropped: they were for that context)."""
+    shard_map, say, for a hook traced under an explicit mesh), its operands cast to vary alike
+    (the casts recorded when it was traced are dropped: they were for that context)."""
     if eqn.primitive.name == "pvary":
         return ins
-    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in ins))
-    ins = [vary_over(x, axes) for x in ins]
-    outs = eqn.primitive.bind(*ins, **eqn.params)
+    outs = eqn.primitive.bind(*same_varying_axes(*ins), **eqn.params)
     return outs if eqn.primitive.multiple_results else [outs]
 
 
-def vary_over(x, axes: frozenset):
-    """``x`` typed as varying over the manual mesh ``axes`` (a no-op cast where it does)."""
-    missing = axes - jax.typeof(x).mat.varying
-    return jax.lax.pcast(x, tuple(missing), to="varying") if missing else x
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over (inside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax 0.10+; earlier jax calls it vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def same_varying_axes(*args) -> tuple:
+    """``args`` cast to vary over the union of their manual axes, as jax's op wrappers do."""
+    axes = frozenset().union(*(varying_axes(x) for x in args))
+    return tuple(x if not (missing := axes - varying_axes(x))
+                 else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
 
 
 def hoist(fn, name: str, *scalar_dtypes) -> tuple[Hoisted, tuple]:
