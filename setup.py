@@ -19,13 +19,13 @@ def native_extensions():
     return [Extension(
         "transformax._flash_cpu",
         sources=["csrc/flash_attention.cc"],
-        depends=["csrc/flash_kernel.h"],
+        depends=["csrc/flash_kernel.h", "csrc/parallel.h"],
         include_dirs=include,
         language="c++",
         extra_compile_args=flags,
         optional=True,
     ), Extension("transformax._int8_cpu", sources=["csrc/int8_matmul.cc"],
-                 depends=["csrc/int8_kernel.h"], include_dirs=include,
+                 depends=["csrc/int8_kernel.h", "csrc/parallel.h"], include_dirs=include,
                  language="c++", extra_compile_args=flags, optional=True)]
 
 

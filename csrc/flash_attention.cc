@@ -6,13 +6,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,6 +40,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
 namespace {
 
 using tfx::Options;
+using tfx::parallel_for;
 
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
 
@@ -169,30 +169,14 @@ float* thread_buffer(int slot, long n, Floats& own) {
   return kept[slot].get();
 }
 
-// Runs item(i, scratch) for i in [0, n) on the calling thread and up to threads - 1 pool
-// threads, items claimed in order from a shared counter. Pool tasks that start after every item
-// is claimed touch only the shared counters, which they keep alive.
+// A parallel_for worker maker whose items all get the thread's scratch of `floats`.
 template <class Item>
-void parallel_for(ffi::ThreadPool& pool, long n, long threads, long scratch_floats, Item item) {
-  struct Shared {
-    std::atomic<long> next{0}, done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, scratch_floats, &item]() {
+auto with_scratch(long floats, const Item& item) {
+  return [floats, &item] {
     Floats own;
-    float* scratch = nullptr;
-    for (long i; (i = shared->next.fetch_add(1)) < n;) {
-      if (!scratch) scratch = thread_buffer(0, scratch_floats, own);
-      item(i, scratch);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
+    float* scratch = thread_buffer(0, floats, own);
+    return [own = std::move(own), scratch, &item](long i) { item(i, scratch); };
   };
-  long helpers = std::min(threads, n) - 1;
-  for (long t = 0; t < helpers; ++t) pool.Schedule([shared, n, work]() {
-    if (shared->next.load() < n) work();
-  });
-  work();
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 #pragma GCC push_options

@@ -453,9 +453,9 @@ static void run_forward(ffi::ThreadPool& pool, const Attention& a, long threads,
   const long tiles = a.batch * a.kv_heads * a.n_key_blocks();
   Floats own;
   float* base = thread_buffer(1, tiles * packed_tile_floats(a), own);
-  parallel_for(pool, tiles, threads, 0, [&](long t, float*) { pack_tile(a, t, base); });
-  parallel_for(pool, long(order.size()), threads, scratch_floats(a),
-               [&](long i, float* s) { forward_item(a, base, order[i], s); });
+  parallel_for(pool, tiles, threads, [&] { return [&](long t) { pack_tile(a, t, base); }; });
+  auto item = [&](long i, float* s) { forward_item(a, base, order[i], s); };
+  parallel_for(pool, long(order.size()), threads, with_scratch(scratch_floats(a), item));
 }
 
 // Runs the backward items, `chunks` per (batch, key/value head), then sums each query row's dQ
@@ -465,10 +465,10 @@ static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads
   const long items = a.batch * a.kv_heads * chunks;
   Floats own;
   float* base = thread_buffer(1, items * slab, own);
-  parallel_for(pool, items, threads, scratch_floats(a),
-               [&](long i, float* s) { backward_item(a, i, chunks, base + i * slab, s); });
+  auto item = [&](long i, float* s) { backward_item(a, i, chunks, base + i * slab, s); };
+  parallel_for(pool, items, threads, with_scratch(scratch_floats(a), item));
   const long E = a.head_dim, rows = a.batch * a.q_heads, nq = a.n_query_blocks();
-  parallel_for(pool, rows * nq, threads, 0, [&](long x, float*) {
+  auto sum_dq = [&](long x) {
     const long row = x / nq, r0 = x % nq * a.block_q, r1 = std::min(r0 + a.block_q, a.q_len);
     const float* in = base + (row / a.groups() * chunks * a.groups() + row % a.groups()) *
                                  a.q_len * ep;  // chunk 0 of this query head
@@ -479,5 +479,6 @@ static void run_backward(ffi::ThreadPool& pool, const Attention& a, long threads
         for (long c = 0; c < chunks; ++c) sum += in[c * slab + r * ep + d];
         out[r * E + d] = sum * a.scale;
       }
-  });
+  };
+  parallel_for(pool, rows * nq, threads, [&] { return sum_dq; });
 }

@@ -20,18 +20,19 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using tfx::parallel_for;
 
 enum Isa { ISA_AVX2 = 0, ISA_AVX512 = 1, ISA_AVX512_VNNI = 2 };
 
@@ -229,29 +230,20 @@ bool isa_supported(int64_t isa) {
   return false;
 }
 
-// Splits the panels into up to `threads` contiguous ranges, claimed in order by the calling
-// thread and by pool tasks (the caller alone runs them all if no pool thread is free, so a busy
-// pool cannot stall it; a task that starts after every range is claimed touches only `claims`),
-// runs the scalar columns on the caller, and waits for the ranges to finish.
+// Splits the panels into up to `threads` contiguous ranges, run with the scalar columns (one
+// more item) by parallel_for.
 void parallel_panels(ffi::ThreadPool& pool, const Gemv& g, int64_t isa, Kind kind,
                      long threads) {
   const long panel = panel_width(isa, kind);
   const long panels = g.n / panel;
   const long parts = std::max(1L, std::min(threads, panels));
-  struct Claims {
-    std::atomic<long> next{0}, finished{0};
-  };
-  auto claims = std::make_shared<Claims>();
-  auto claim = [claims, g, isa, kind, panels, parts]() {
-    for (long t; (t = claims->next.fetch_add(1)) < parts;) {
+  auto item = [&](long t) {
+    if (t < parts)
       run(g, isa, kind, panels * t / parts, panels * (t + 1) / parts);
-      claims->finished.fetch_add(1, std::memory_order_release);
-    }
+    else
+      scalar_columns(g, panels * panel, kind);
   };
-  for (long t = 1; t < parts; ++t) pool.Schedule([claim]() { claim(); });
-  claim();
-  scalar_columns(g, panels * panel, kind);
-  while (claims->finished.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  parallel_for(pool, parts + 1, threads, [&] { return item; });
 }
 
 ffi::Error matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
