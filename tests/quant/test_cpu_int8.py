@@ -111,8 +111,10 @@ def test_integer_products_are_exact_at_the_extremes(isa, monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("recipe, kernel", [("int8-dynamic", quant.Kernel.CPU_INT8),
-                                            (INT4["group65"], quant.Kernel.CPU_INT4)])
+                                            (INT4["group65"], quant.Kernel.CPU_INT4),
+                                            (INT4["group10"], quant.Kernel.CPU_INT4)])
 def test_jit_matches_eager_zero_rows_and_vmap(recipe, kernel):
+    """(int4: 65-row groups run on whole packed inputs, 10-row ones split by group.)"""
     qw = qw_of(recipe)
     x = jnp.asarray(X[:4])
     with quant.kernel([kernel]):
@@ -192,6 +194,6 @@ def test_code_path_follows_the_emulated_isa(monkeypatch):
 ])
 def test_int4_handler_checks_its_operands(w_rows, groups, message):
     """The FFI handler's own checks (the Python side never passes such operands)."""
-    call = jax.jit(lambda x, w, s: cpu_int8._native("tfx_cpu_int4", jnp.float32, x, w, s))
+    call = jax.jit(lambda x, w, s: cpu_int8.native_call("tfx_cpu_int4", jnp.float32, None, x, w, s))
     with pytest.raises(Exception, match=message):
         call(jnp.zeros((1, K)), jnp.zeros((w_rows, N), jnp.int8), jnp.ones((groups, N)))

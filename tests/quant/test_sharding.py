@@ -1,8 +1,9 @@
 """Quantized params under a sharded ``jit`` on 8 emulated cpu devices (a subprocess): a
 tensor-parallel MLP (``fc`` split by output columns, ``proj`` by input rows, the batch over
 ``data``) gives the unsharded output, and the int8 weights stay sharded (never gathered): with
-the XLA kernels, and with the native ``cpu_int8`` one, whose FFI calls take each device's rows
-and columns (its partitioning rule; the row-split ``proj`` sums partial products)."""
+the XLA kernels, and with the native ``cpu_int8`` and ``cpu_int4`` ones, whose FFI calls take
+each device's rows and columns (their partitioning rule; the row-split ``proj`` sums partial
+products, by scale group for int4)."""
 
 import json
 import os
@@ -69,8 +70,8 @@ def test_sharded_jit_matches_unsharded():
         assert r["max_abs_diff"] <= tol * r["scale"], (name, r)
         packed = 2 if name == "int4 cpu_int4" else 1  # two int4 input rows a byte
         assert r["out_spec"][0] == "data" and r["fc_shard"] == [64 // packed, 64], (name, r)
-        # fc: 64 of 128 rows by 64 of 256 columns; proj: 64 rows by all 64 columns (cpu_int8:
-        # of 64 inputs, partial products summed; cpu_int4 keeps packed inputs whole, gathered).
+        # fc: 64 of 128 rows by 64 of 256 columns; proj: 64 rows by all 64 columns, of 64
+        # inputs (cpu_int4: 4 of 16 scale groups), partial products summed.
         native = ["s32[64,64]"] * 2 if "dynamic" in name else ["f32[64,64]"] * 2
         assert r["native"] == (native if "cpu_" in name else []), (name, r)
-        assert not r["gathered_s8"] or name == "int4 cpu_int4", name
+        assert not r["gathered_s8"], name

@@ -28,6 +28,19 @@ def reasons_unsupported(problem: Problem, platform: str) -> list[str]:
     return reasons
 
 
+# Rows m, scale groups g, a group's inputs k (packed: p), outputs n: x (M, G, K / G) and the
+# packed weight (G, K / 2G, N) split by group, each device's partial products summed; a group
+# ending mid-byte (odd K / G) cannot split, so then the packed inputs stay whole.
+_GROUP_FACTORS = (("mgk", "gpn", "gn"), "mn", "g", "kp")
+_WHOLE_FACTORS = (("mk", "pn", "gn"), "mn", "", "kpg")
+
+
 def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
-    scale = jnp.broadcast_to(qw.scale.astype(jnp.float32), (problem.groups, problem.n))
-    return cpu_int8._native("tfx_cpu_int4", jnp.float32, x.astype(jnp.float32), qw.values, scale)
+    g, n = problem.groups, problem.n
+    scale = jnp.broadcast_to(qw.scale.astype(jnp.float32), (g, n))
+    x, w, factors = x.astype(jnp.float32), qw.values, _WHOLE_FACTORS
+    if (problem.k // g) % 2 == 0:
+        rows = problem.k // g
+        x, w = x.reshape(x.shape[0], g, rows), w.reshape(g, rows // 2, n)
+        factors = _GROUP_FACTORS
+    return cpu_int8.native_call("tfx_cpu_int4", jnp.float32, factors, x, w, scale)

@@ -12,6 +12,8 @@ into the rows (one call per member where the weight itself is batched).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,18 +75,17 @@ def isa(integer: bool) -> str:
         else h.isa
 
 
-# Each target's operands as factors (rows m, inputs k, outputs n; packed inputs p and scale
-# groups g kept whole) for partitioning.factorwise: a split k sums the partial products.
-_FACTORS = {"tfx_cpu_int8_f32": (("mk", "kn", "n"), "mn", "k"),
-            "tfx_cpu_int8_s8": (("mk", "kn"), "mn", "k"),
-            "tfx_cpu_int4": (("mk", "pn", "gn"), "mn", "", "kpg")}
-
-
-def _native(target: str, dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) -> jax.Array:
-    """The FFI call ``target`` on ``x (M, K)``, ``w (K, N)`` (and the scale), ``(M, N)`` of
-    ``dtype``; vmapped, the batch joins the rows."""
+def native_call(target: str, dtype, factors: tuple, x: jax.Array, w: jax.Array,
+                *rest: jax.Array) -> jax.Array:
+    """The FFI call ``target`` on ``x (M, ...)`` and ``w (..., N)`` (and the scale), flattened to
+    ``(M, K)`` and ``(K', N)`` for the call, giving ``(M, N)`` of ``dtype``. ``factors``: the
+    operands' and the result's factors (a letter per dim) and the summed and whole ones, for
+    ``partitioning.factorwise``, by which each device runs the call on its shard under a
+    multi-device ``jit``. Vmapped, the batch joins the rows."""
 
     def ffi(x, w, *rest):
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+        w = w.reshape(math.prod(w.shape[:-1]), w.shape[-1])
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), dtype)
         return jax.ffi.ffi_call(target, out)(
             x, w, *rest, isa=np.int64(_ISA_CODES[isa(target.endswith("s8"))]),
@@ -93,7 +94,7 @@ def _native(target: str, dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) ->
     @jax.custom_batching.custom_vmap
     def call(x, w, *rest):
         if partitioning.left_to_partitioner(x, w, *rest):  # on each device's shard
-            return partitioning.factorwise(ffi, *_FACTORS[target])(x, w, *rest)
+            return partitioning.factorwise(ffi, *factors)(x, w, *rest)
         return ffi(x, w, *rest)
 
     @call.def_vmap
@@ -104,17 +105,24 @@ def _native(target: str, dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) ->
                                                 zip(args, in_batched))),
                                jnp.arange(axis_size)), True
         x = x if in_batched[0] else jnp.broadcast_to(x, (axis_size, *x.shape))
-        return call(x.reshape(-1, x.shape[-1]), w, *rest).reshape(axis_size, x.shape[1], -1), True
+        rows = call(x.reshape(axis_size * x.shape[1], *x.shape[2:]), w, *rest)
+        return rows.reshape(axis_size, x.shape[1], rows.shape[-1]), True
 
     return call(x, w, *rest)
 
 
+# Rows m, inputs k, outputs n: a split k sums the partial products.
+_F32_FACTORS = (("mk", "kn", "n"), "mn", "k")
+_S8_FACTORS = (("mk", "kn"), "mn", "k")
+
+
 def _dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
-    return _native("tfx_cpu_int8_s8", jnp.int32, xq, wq)
+    return native_call("tfx_cpu_int8_s8", jnp.int32, _S8_FACTORS, xq, wq)
 
 
 def matmul(problem: Problem, x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     if problem.activations != "none":
         return _int8_dot.matmul(_dot, x, qw)
     scale = jnp.broadcast_to(qw.scale[0].astype(jnp.float32), (problem.n,))
-    return _native("tfx_cpu_int8_f32", jnp.float32, x.astype(jnp.float32), qw.values, scale)
+    return native_call("tfx_cpu_int8_f32", jnp.float32, _F32_FACTORS, x.astype(jnp.float32),
+                       qw.values, scale)
