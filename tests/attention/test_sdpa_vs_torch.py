@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 import torch
 from tiles import ISAS, pinned_tiles
@@ -68,6 +68,16 @@ MASK_KINDS = ["none", "causal", "lower_right", "bool_full", "bool_keys", "float_
          mask_kind="lower_right", scale=0.3, seed=2)
 @example(batch=(), kv_heads=1, groups=1, q_len=24, kv_len=40, head_dim=8, v_head_dim=16,
          mask_kind="causal", scale=None, seed=3)
+# Dense masks (the derandomized draws below reach none of them), with ragged tiles and GQA.
+@example(batch=(2,), kv_heads=1, groups=2, q_len=17, kv_len=33, head_dim=16, v_head_dim=8,
+         mask_kind="bool_full", scale=-0.7, seed=4)
+@example(batch=(2, 1), kv_heads=2, groups=2, q_len=27, kv_len=3, head_dim=16, v_head_dim=8,
+         mask_kind="bool_keys", scale=0.3, seed=5)
+@example(batch=(), kv_heads=2, groups=1, q_len=9, kv_len=40, head_dim=8, v_head_dim=16,
+         mask_kind="float_rows", scale=None, seed=6)
+# Each example compiles three kernels, forward and backward (~1.5 s): a quarter of the
+# profile's examples besides the explicit ones (HYPOTHESIS_EXAMPLES scales it).
+@settings(max_examples=max(1, settings.default.max_examples // 4))
 @given(batch=st.sampled_from([(), (2,), (2, 1)]), kv_heads=st.sampled_from([1, 2]),
        groups=st.sampled_from([1, 2]), q_len=st.integers(1, 40), kv_len=st.integers(1, 40),
        head_dim=st.sampled_from([8, 16]), v_head_dim=st.sampled_from([8, 16]),
