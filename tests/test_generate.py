@@ -202,8 +202,8 @@ def test_empty_prompts_are_refused(gpt_model):
 def test_apply_cached_refuses_to_run_past_the_cache(gpt_model, prompts):
     module, params, cfg = gpt_model
     cache = module.init_cache(cfg, 2, 10)
-    _, cache = module.apply_cached(params, prompts, cfg, cache, lengths=LENGTHS)  # pos 8 and 3
-    _, full = module.apply_cached(params, prompts[:, :2], cfg, cache)  # pos 10 and 5
+    _, cache = apply_cached(module, params, prompts, cfg, cache, lengths=LENGTHS)  # pos 8 and 3
+    _, full = apply_cached(module, params, prompts[:, :2], cfg, cache)  # pos 10 and 5
     with pytest.raises(ValueError, match="1 tokens do not fit the cache: a row already holds 10 "
                                          "of its max_len=10 positions"):
         module.apply_cached(params, prompts[:, :1], cfg, full)

@@ -20,6 +20,7 @@ HF_CFG = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos
 TOKENS = np.random.RandomState(0).randint(0, 96, (2, 16)).astype(np.int32)
 apply = jax.jit(lambda module, params, tokens, cfg: module.apply(params, tokens, cfg),
                 static_argnums=(0, 3))
+apply_cached = jax.jit(lambda module, *args: module.apply_cached(*args), static_argnums=(0, 3))
 
 
 def rel(a, b):
@@ -79,8 +80,9 @@ def test_cached_decoding_and_generate_run_on_quantized_params(hf_gpt2):
     tokens = jnp.asarray(TOKENS)
     full = apply(gpt, qparams, tokens, cfg)
     cache = gpt.init_cache(cfg, 2, 16)
-    first, cache = gpt.apply_cached(qparams, tokens[:, :10], cfg, cache)
-    rest, _ = gpt.apply_cached(qparams, tokens[:, 10:], cfg, cache)
+    # jitted: op by op, the two calls compile each op of the quantized model twice (~6 s)
+    first, cache = apply_cached(gpt, qparams, tokens[:, :10], cfg, cache)
+    rest, _ = apply_cached(gpt, qparams, tokens[:, 10:], cfg, cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, rtol=1e-4, atol=1e-4)
     # the call of test_cli's (one compilation for both)
     new = generate.generate(gpt, qparams, cfg, TOKENS[:1, :8], max_new_tokens=6, temperature=0,
@@ -92,7 +94,7 @@ def test_cached_decoding_and_generate_run_on_quantized_params(hf_gpt2):
 def test_llama_with_untied_head():
     cfg = llama.Config(vocab_size=96, n_layer=1, n_head=4, n_kv_head=2, dim=32, hidden_dim=64,
                        max_seq_len=32, tie_embeddings=False)
-    params = llama.init(jax.random.key(0), cfg)
+    params = jax.jit(llama.init, static_argnums=1)(jax.random.key(0), cfg)
     qparams = quant.quantize(params, "int8-weight")
     assert isinstance(qparams["lm_head"]["w"], quant.QuantizedWeight)
     ref = apply(llama, params, jnp.asarray(TOKENS), cfg)
