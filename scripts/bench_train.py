@@ -8,6 +8,12 @@ width 512, context 1024, vocab 256, batch 4; f32, AdamW with global-norm clippin
 after warm-up; jit, eager and compiled are timed in interleaved rounds (each round starting with
 one untimed step) so machine noise hits all of them alike. Prints a table with the ratios and
 writes JSON. Runs with the train command's malloc setting (``transformax.cli.tune_malloc``).
+A variant whose first two losses differ from the jitted step's is reported as wrong, and no ratio
+is printed for it (its time measures other arithmetic).
+
+Under ``ATEN_CPU_CAPABILITY=avx2`` (the AVX2 host setting) ``torch.compile`` is told to generate
+256-bit vector code: left to pick the width itself there, torch 2.13's inductor steps gave NaN
+losses on the AVX-512 host.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ CONFIGS = {
     "B": dict(n_layer=4, n_head=8, n_embd=512, seq_len=1024, batch=4),
 }
 VOCAB, LR, WD, CLIP, BETAS, EPS = 256, 3e-4, 0.1, 1.0, (0.9, 0.95), 1e-8
+SIMD_BITS = {"avx2": 256, "avx512": 512}  # ATEN_CPU_CAPABILITY -> inductor's cpp.simdlen
 
 
 def run_config(c: dict) -> train.RunConfig:
@@ -129,7 +136,14 @@ def torch_step(cfg: train.RunConfig, params: dict, batch: dict, compile: bool):
         opt.step()
         return loss
 
-    fn = torch.compile(step) if compile else step
+    if not compile:
+        return lambda: float(step())
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if capability in SIMD_BITS:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.simdlen = SIMD_BITS[capability]
+    fn = torch.compile(step)
     return lambda: float(fn())
 
 
@@ -189,9 +203,12 @@ def bench(name: str, c: dict, iters: int, rounds: int, nojit_iters: int, skip: s
 
         losses["jax_nojit"] = [run_nojit(), run_nojit()]
         times["jax_nojit"] = timed(run_nojit, nojit_iters)
+    ref = losses["jax_jit"]
+    wrong = [k for k, v in losses.items()
+             if not np.allclose(v[:2], ref[:2], rtol=1e-3, atol=1e-3)]
     result = {"config": name, **c, "vocab": VOCAB, "tokens_per_step": tokens,
-              "gflop_per_step": flops / 1e9, "first_losses": losses, "compile_s": compile_s,
-              "variants": {}}
+              "gflop_per_step": flops / 1e9, "first_losses": losses, "wrong_losses": wrong,
+              "compile_s": compile_s, "variants": {}}
     for key, ts in times.items():
         wall, user, sys_ = (list(x) for x in zip(*ts))
         med = statistics.median(wall)
@@ -207,7 +224,8 @@ def ratios(r: dict) -> dict:
     pairs = (("jit/compile", "jax_jit", "torch_compile"), ("jit/eager", "jax_jit", "torch_eager"),
              ("jit/nojit", "jax_jit", "jax_nojit"),
              ("compile/eager", "torch_compile", "torch_eager"))
-    return {n: v[a] / v[b] for n, a, b in pairs if a in v and b in v}
+    ok = set(v) - set(r["wrong_losses"])
+    return {n: v[a] / v[b] for n, a, b in pairs if a in ok and b in ok}
 
 
 def main() -> None:
@@ -237,6 +255,8 @@ def main() -> None:
                   f"{x['median_s']:>9.3f} {x['user_s']:>7.2f} {x['sys_s']:>6.2f} "
                   f"{r['compile_s'].get(k, float('nan')):>9.1f}  "
                   + " ".join(f"{loss:.4f}" for loss in r["first_losses"][k]))
+        for k in r["wrong_losses"]:
+            print(f"WRONG: {k}'s first losses differ from jax_jit's; no ratio for it")
         print("  ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
