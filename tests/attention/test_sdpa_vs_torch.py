@@ -205,8 +205,8 @@ def test_float64_accumulates_in_float64():
     with jax.enable_x64(True):
         for kernel in (tfx.Backend.MATH, tfx.Backend.XLA_FLASH):  # cpu_flash is f32-only
             with tfx.sdpa_kernel([kernel]):
-                out, grads = jax.value_and_grad(
-                    lambda *a: jnp.sum(tfx.sdpa(*a, is_causal=True)), argnums=(0, 1, 2))(
+                out, grads = jax.jit(jax.value_and_grad(
+                    lambda *a: jnp.sum(tfx.sdpa(*a, is_causal=True)), argnums=(0, 1, 2)))(
                     *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
             assert out.dtype == jnp.float64
             np.testing.assert_allclose(out, want.sum().item(), rtol=1e-12)
