@@ -46,9 +46,12 @@ def one_error_line(err: str, prog: str = "transformax-train") -> str:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A run of 4 steps with checkpoints at 2 and 4; tests copy it before changing it."""
+    """A run of 6 steps stopped after step 4, with checkpoints at 2 and 4; tests copy it before
+    changing it. The runs resuming it keep train.steps=6: one compiled step for all of them."""
     out = tmp_path_factory.mktemp("runs")
-    assert cli.train_main(args(out, "base", "train.steps=4", "checkpoint.every=2")) == 0
+    cfg = train.load(TINY, [f"out_dir={out}", "name=base", *SMALL, "train.steps=6",
+                            "checkpoint.every=2"])
+    assert int(train.train(cfg, stop_at=4).state.step) == 4
     return out / "base"
 
 
@@ -142,17 +145,17 @@ def test_torn_metrics_line_is_dropped_with_a_warning(finished, tmp_path, capsys)
     run = copy(finished, tmp_path)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a write cut short
-    assert cli.train_main(args(tmp_path, "base", "train.steps=5")) == 0
+    assert cli.train_main(args(tmp_path, "base", "train.steps=6")) == 0
     err = capsys.readouterr().err
     assert "transformax-train: warning: " in err and "not a metrics record" in err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_stale_lock_is_taken_over_and_a_live_one_refused(finished, tmp_path, capsys):
     run = copy(finished, tmp_path)
     (run / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "h", "since": "then"}))
-    assert cli.train_main(args(tmp_path, "base", "train.steps=4")) == 0
+    assert cli.train_main(args(tmp_path, "base", "train.steps=6")) == 0
     assert ("taking over the lock of pid 999999 on h (since then), which is no longer running"
             in capsys.readouterr().err)
     assert not (run / LOCK_FILE).exists()
