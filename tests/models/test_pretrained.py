@@ -40,7 +40,7 @@ NO_TORCH = textwrap.dedent("""
     tokens = np.load(f"{root}/tokens.npy")
     for name in names:
         module, params, cfg = models.load_pretrained(f"{root}/{name}")
-        out = module.apply(params, tokens, cfg)
+        out = jax.jit(module.apply, static_argnums=2)(params, tokens, cfg)
         if hasattr(module, "mlm_logits"):
             out = module.mlm_logits(params, out, cfg)
         np.save(f"{root}/{name}.npy", np.asarray(out))

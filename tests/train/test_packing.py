@@ -65,7 +65,7 @@ def test_a_documents_loss_ignores_the_others():
                              "model.n_kv_head=1", "model.dim=16", "model.hidden_dim=32",
                              "model.max_seq_len=16", "data.seq_len=16", "data.packing=true"])
     task, model_cfg = cfg.task, cfg.model_config
-    params = task.module.init(jax.random.key(0), model_cfg)
+    params = jax.jit(task.module.init, static_argnums=1)(jax.random.key(0), model_cfg)
     rng = np.random.RandomState(0)
     inputs = rng.randint(0, 256, (2, 16)).astype(np.int32)
     ids = np.array([[0] * 6 + [1] * 10, [0] * 9 + [1] * 7], np.int32)
@@ -116,7 +116,7 @@ def test_bert_packed_documents_are_as_if_alone():
                              "model.dim=16", "model.hidden_dim=32", "model.max_position=16",
                              "data.seq_len=16", "data.packing=true"])
     task, model_cfg = cfg.task, cfg.model_config
-    params = task.module.init(jax.random.key(0), model_cfg)
+    params = jax.jit(task.module.init, static_argnums=1)(jax.random.key(0), model_cfg)
     tokens = np.random.RandomState(0).randint(0, 256, (1, 16)).astype(np.int32)
     ids = np.array([[0] * 6 + [1] * 10], np.int32)
     apply = jax.jit(lambda t, d=None: task.module.apply(params, t, model_cfg, document_ids=d))

@@ -5,6 +5,7 @@ TensorBoard events), fine-tuning from a Hugging Face folder and from a run,
 import sysconfig
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,7 +130,7 @@ def test_export_and_init_from_run(finetuned, tmp_path, capsys):
     tokens = np.arange(40, dtype=np.int32).reshape(2, 20)
     with torch.no_grad():
         ref = back(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
-    ours = gpt.apply(result.state.params, tokens, cfg.model_config)
+    ours = jax.jit(gpt.apply, static_argnums=2)(result.state.params, tokens, cfg.model_config)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     # a new run from that run: its model section and its weights
     again = train.load(None, [f"model.init_from=run:{result.run_dir}", "data.seq_len=32"])
