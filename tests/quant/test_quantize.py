@@ -114,11 +114,11 @@ def test_quantize_jit_matches_eager(recipe):
 
 
 def test_pytree_node_under_vmap():
-    stacked = jax.vmap(lambda w: quant.quantize({"w": w}, "int8-dynamic"))(
+    stacked = jax.jit(jax.vmap(lambda w: quant.quantize({"w": w}, "int8-dynamic")))(
         jnp.stack([layer(0)["w"], layer(1)["w"]]))
     assert stacked["w"].values.shape == (2, K, N)
     x = jnp.asarray(np.random.RandomState(5).standard_normal((2, 3, K)), jnp.float32)
-    y = jax.vmap(nn.linear)(stacked, x)
+    y = jax.jit(jax.vmap(nn.linear))(stacked, x)
     for i in range(2):
         one = jax.tree.map(lambda a, i=i: a[i], stacked)
         np.testing.assert_allclose(y[i], nn.linear(one, x[i]), rtol=1e-6, atol=1e-6)
