@@ -154,8 +154,9 @@ def test_cli(tmp_path, capsys):
     assert "steps: 3" in capsys.readouterr().out
     assert cli.train_main(["--config", TINY, "train.stepz=3"]) == 1
     assert "train.stepz" in capsys.readouterr().err
-    assert cli.train_main(["--config", TINY, f"out_dir={tmp_path}", "name=cli",
-                           "train.steps=4", "eval.batches=1", *QUIET]) == 0
+    # test_run_folder's model and train.steps: its compiled step
+    assert cli.train_main(["--config", TINY, f"out_dir={tmp_path}", "name=cli", *ONE_LAYER,
+                           "train.steps=40", "eval.batches=1", *QUIET]) == 0
     assert "done:" in capsys.readouterr().out
     assert cli.generate_main([str(tmp_path / "cli"), "--prompt", "import ",
                               "--max-new-tokens", "8", "--num", "2"]) == 0
