@@ -1,4 +1,3 @@
-import functools
 import os
 import pathlib
 import tempfile
@@ -39,20 +38,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
         if "tpu" in item.keywords and platform != "tpu":
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
-
-
-@pytest.fixture(autouse=True, scope="session")
-def stdlib_files_listed_once():
-    """The default corpus's file list, made once: ``data.stdlib_files`` walks the whole stdlib
-    folder, site-packages included (~0.5 s), at the start of each of the many training runs
-    here. Yields the real function (test_data checks it)."""
-    from transformax.train import data
-
-    real = data.stdlib_files
-    listed = functools.cache(real)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "stdlib_files", lambda: list(listed()))
-        yield real
 
 
 @pytest.fixture

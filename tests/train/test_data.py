@@ -7,9 +7,9 @@ from transformax.train import data
 from transformax.train.config import DataConfig
 
 
-def test_stdlib_corpus_is_fixed_and_split(stdlib_files_listed_once):
-    files = stdlib_files_listed_once()  # the real data.stdlib_files (the tests list it once)
-    assert files == stdlib_files_listed_once() and files == data.stdlib_files()
+def test_stdlib_corpus_is_fixed_and_split():
+    files = data.stdlib_files()
+    assert files == data.stdlib_files()
     assert len(files) > 100
     assert all(p.suffix == ".py" and "site-packages" not in p.parts for p in files)
     corpus = data.load_corpus(DataConfig())

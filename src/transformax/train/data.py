@@ -75,8 +75,10 @@ def stdlib_files() -> list[Path]:
     relative path: deterministic, and mixed across packages so the held-out tail is a fair
     sample."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py")
-             if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+    files = []
+    for folder, subfolders, names in os.walk(root):  # not into site-packages (~30x the files)
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
     return sorted(files, key=lambda p: (zlib.crc32(str(p.relative_to(root)).encode()), str(p)))
 
 
