@@ -45,8 +45,10 @@ def test_jit_matches_op_by_op_and_math_at_head_dim_128_with_gqa():
     np.testing.assert_allclose(out, out_eager, atol=1e-6)
     np.testing.assert_allclose(out, out_math, atol=2e-5)
     np.testing.assert_allclose(value, value_math, rtol=1e-5)
+    # Both run the same kernels; XLA fuses the loss's gradient (the kernels' dout) differently
+    # from op by op, a few ulps apart (dk 1.4e-6 off at 4.04 on the AVX2 setting).
     for got, eager, want in zip(grads, grads_eager, grads_math):
-        np.testing.assert_allclose(got, eager, atol=1e-6)
+        np.testing.assert_allclose(got, eager, atol=1e-6, rtol=1e-6)
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
 
 
