@@ -90,7 +90,7 @@ def _bind_here(eqn, ins) -> list:
     return outs if eqn.primitive.multiple_results else [outs]
 
 
-def varying_axes(x) -> frozenset:
+def _varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over (inside ``shard_map``)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)  # jax 0.10+; earlier jax calls it vma
@@ -99,8 +99,8 @@ def varying_axes(x) -> frozenset:
 
 def same_varying_axes(*args) -> tuple:
     """``args`` cast to vary over the union of their manual axes, as jax's op wrappers do."""
-    axes = frozenset().union(*(varying_axes(x) for x in args))
-    return tuple(x if not (missing := axes - varying_axes(x))
+    axes = frozenset().union(*(_varying_axes(x) for x in args))
+    return tuple(x if not (missing := axes - _varying_axes(x))
                  else jax.lax.pcast(x, tuple(sorted(missing)), to="varying") for x in args)
 
 
